@@ -1,0 +1,83 @@
+"""Resolve what a user names ("toyworld", a file, a folder) into a ready VARPipeline."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .models.format import read_metadata
+from .models.loading import ModelLoadError, load_transformer, load_vae
+from .models.text import TextEncoder, minilm_path
+from .pipeline import VARPipeline
+
+BUNDLED = {"toyworld": Path(__file__).parent / "toyworld" / "weights" / "toyworld.safetensors"}
+TEXT_ENCODERS = {"minilm": minilm_path}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A bundled model name or a file path -> an existing file."""
+    key = str(name_or_path)
+    if key in BUNDLED:
+        path = BUNDLED[key]
+        if not path.exists():
+            raise ModelLoadError(f"the bundled model {key!r} is missing at {path}: reinstall the package "
+                                 "(or train it: python -m svare_core.toyworld train)")
+        return path
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file. Give a model file (.safetensors, .pth, a shard index .json) "
+                             f"or one of the bundled names {sorted(BUNDLED)}")
+    return path
+
+
+def _resolve_text_encoder(spec: str | Path | None, path: Path) -> Path:
+    if spec is None:
+        raise ModelLoadError(f"{path}: needs a text encoder: give the folder of its Hugging Face text encoder "
+                             "(Infinity: google/flan-t5-xl)")
+    spec = str(spec)
+    if spec in TEXT_ENCODERS:
+        return TEXT_ENCODERS[spec]()
+    return Path(spec).expanduser()
+
+
+def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = None,
+                  text_encoder: str | Path | None = None, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype = "fp32", vae_device: str | torch.device | None = None,
+                  text_device: str | torch.device = "cpu") -> VARPipeline:
+    """Load a text-to-image VAR model.
+
+    ``model``: "toyworld" (bundled), a svare .safetensors file (may hold the VAE too), or an
+    Infinity checkpoint (.pth or a sharded .safetensors index), which then needs ``vae`` and
+    ``text_encoder`` (a local folder of google/flan-t5-xl). The VAE and text encoder may stay on
+    the CPU while the transformer runs on the GPU (``vae_device``, ``text_device``).
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    path = resolve_model_path(model)
+    meta = read_metadata(path) if path.suffix == ".safetensors" else {}
+    transformer = load_transformer(path, device=device, dtype=dtype)
+    vae_path = resolve_model_path(vae) if vae is not None else (path if "vae_config" in meta else None)
+    if vae_path is None:
+        raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
+                             "Infinity-8B: infinity_vae_d56_f8_14_patchify.pth)")
+    # The VAE is small and precision-sensitive: it stays in fp32 unless it shares the GPU.
+    vae_device = vae_device or device
+    vae_model = load_vae(vae_path, device=vae_device, token_bits=transformer.cfg.bits,
+                         dtype=dtype if str(vae_device) != "cpu" else torch.float32)
+    text = TextEncoder(_resolve_text_encoder(text_encoder or meta.get("text_encoder"), path), device=text_device,
+                       dtype=torch.float32 if str(text_device) == "cpu" else torch.float16)
+    scales = transformer.cfg.scales or None
+    name = str(model) if str(model) in BUNDLED else path.stem
+    return VARPipeline(transformer, vae_model, text, name=name, scales=scales)
+
+
+@lru_cache(maxsize=4)
+def load_pipeline_cached(model: str = "toyworld", vae: str | None = None, text_encoder: str | None = None,
+                         device: str = "cpu", dtype: str = "fp32", vae_device: str | None = None,
+                         text_device: str = "cpu") -> VARPipeline:
+    """load_pipeline with a small cache, for callers (nodes, CLI loops) that ask for the same model again.
+    Callers must not modify the returned pipeline: copy the transformer before changing it."""
+    return load_pipeline(model, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype,
+                         vae_device=vae_device, text_device=text_device)

@@ -1,0 +1,60 @@
+"""A loaded text-to-image VAR model: transformer + VAE + text encoder, and their devices."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .models.format import state_dict_fingerprint
+from .models.infinity import Infinity, TextCondition
+from .models.text import TextEncoder
+from .models.vae import BSQVAE
+
+
+@dataclass
+class VARPipeline:
+    transformer: Infinity
+    vae: BSQVAE
+    text_encoder: TextEncoder
+    name: str = "model"
+    scales: list[tuple[int, int]] | None = None   # the default schedule (small models); None: use presets
+    patches: list = field(default_factory=list)    # erasure patches applied, in order
+    base_fingerprint: str | None = None             # fingerprint of the transformer before any patch
+
+    def __post_init__(self) -> None:
+        if self.transformer.cfg.bits != self.vae.cfg.bits:
+            raise ValueError(f"the VAE gives {self.vae.cfg.bits}-bit tokens but the transformer expects "
+                             f"{self.transformer.cfg.bits}: pair the transformer with its own VAE")
+        if self.transformer.cfg.text_dim != self.text_encoder.width:
+            raise ValueError(f"the text encoder gives {self.text_encoder.width}-wide features but the transformer "
+                             f"expects {self.transformer.cfg.text_dim}: pair it with its own text encoder")
+        if self.base_fingerprint is None:
+            self.base_fingerprint = self.fingerprint()
+
+    def fingerprint(self) -> str:
+        """Content hash of the transformer's current weights."""
+        return state_dict_fingerprint(self.transformer.state_dict())
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-encoder features and mask, on the transformer's device."""
+        feats, mask = self.text_encoder.encode(list(prompts))
+        return feats.to(self.transformer.device), mask.to(self.transformer.device)
+
+    def condition(self, prompts: list[str]) -> TextCondition:
+        return self.transformer.encode_text(*self.encode_prompts(prompts))
+
+    def default_scales(self, aspect_ratio: str = "1:1", preset: str = "1M") -> list[tuple[int, int]]:
+        if self.scales:
+            return list(self.scales)
+        from .schedules import infinity_schedule
+        return infinity_schedule(aspect_ratio, preset)
+
+    def with_transformer(self, transformer: Infinity, patches: list | None = None) -> "VARPipeline":
+        """A new pipeline sharing the VAE and text encoder, with another transformer."""
+        return replace(self, transformer=transformer, patches=list(self.patches if patches is None else patches),
+                       base_fingerprint=self.base_fingerprint)
+
+    def clone_transformer(self) -> Infinity:
+        """A deep copy of the transformer (callers must never modify a pipeline they were given)."""
+        return copy.deepcopy(self.transformer)

@@ -1,0 +1,89 @@
+"""Safety scores for generated images: one interface over several detectors.
+
+    from svare_core.safety import get_detector, flag, censor, report, check
+
+    det = get_detector("nudenet")                 # or "open_nsfw", "clip", "toyworld"
+    d = det.detect(images, concept=None)          # Detection(scores [N], labels, details)
+    mask = flag(d, 0.5)                           # bool [N]
+    safe = censor(images, mask, "nudity")         # same layout/dtype as `images`
+    print(report(d, 0.5))
+
+    # or all at once (what a ComfyUI node needs):
+    res = check(images, "clip", concept="Van Gogh", threshold=0.6, model_path="/models/clip-vit-l-14")
+    res.images, res.flagged, res.report
+
+``images``: ComfyUI IMAGE (torch float [B,H,W,C] in 0..1), PIL image(s), or a
+numpy array (uint8 0..255 or float 0..1). Optional backends raise
+:class:`DetectorUnavailable` with the install command when their package is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .actions import censor, censor_image, flag, reasons_for, report
+from .base import Detection, Detector, DetectorUnavailable
+from .images import ImagesLike, to_bgr_list, to_pil_list, to_uint8_batch, to_uint8_list
+from .registry import (
+    available_detectors,
+    clear_cache,
+    detector_names,
+    get_detector,
+    install_hint,
+    missing_packages,
+)
+
+__all__ = [
+    "Detection",
+    "Detector",
+    "DetectorUnavailable",
+    "SafetyResult",
+    "available_detectors",
+    "censor",
+    "censor_image",
+    "check",
+    "clear_cache",
+    "detector_names",
+    "flag",
+    "get_detector",
+    "install_hint",
+    "missing_packages",
+    "reasons_for",
+    "report",
+    "to_bgr_list",
+    "to_pil_list",
+    "to_uint8_batch",
+    "to_uint8_list",
+]
+
+
+@dataclass
+class SafetyResult:
+    """Everything one safety check produced."""
+
+    detection: Detection
+    flagged: np.ndarray  # bool [N]
+    images: Any  # input layout; flagged images censored if censoring was asked for
+    report: str
+
+
+def check(
+    images: ImagesLike,
+    detector: str = "nudenet",
+    concept: str | None = None,
+    threshold: float = 0.5,
+    censor_flagged: bool = True,
+    **options: Any,
+) -> SafetyResult:
+    """Score, flag, optionally censor, and report in one call.
+
+    ``options`` go to :func:`get_detector` (cached per detector and options).
+    """
+    det = get_detector(detector, **options)
+    d = det.detect(images, concept=concept)
+    mask = flag(d, threshold)
+    out = censor(images, mask, reasons_for(d, threshold, concept)) if censor_flagged else images
+    return SafetyResult(d, mask, out, report(d, threshold, concept))

@@ -1,0 +1,154 @@
+"""Next-scale sampling with a KV cache, classifier-free guidance on logits and bitwise sampling.
+
+Every image has its own random generator (seed + index), so an image does not depend on the
+batch it was drawn in. A callback sees every scale (progress, previews) and may raise to cancel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .models.attention import KVCache
+from .models.bitwise import add_scale, next_input
+from .pipeline import VARPipeline
+
+
+class Cancelled(RuntimeError):
+    """Raised when a callback asks a long job (sampling, erasure) to stop."""
+
+
+@dataclass
+class SamplerSettings:
+    cfg: float | Sequence[float] = 3.0     # guidance per scale (a list) or for all scales
+    tau: float = 1.0                         # temperature on the guided logits
+    top_k: int = 0                           # 1: greedy bits; 0 or >=2: off (a bit has 2 values)
+    top_p: float = 0.0                       # 0: off; e.g. 0.97 makes confident bits deterministic
+    negative_prompt: str | None = None       # replaces the learned empty prompt for CFG
+
+    def cfg_at(self, i: int, n: int) -> float:
+        if isinstance(self.cfg, (int, float)):
+            return float(self.cfg)
+        if len(self.cfg) != n:
+            raise ValueError(f"a cfg schedule needs one value per scale ({n}), got {len(self.cfg)}")
+        return float(self.cfg[i])
+
+    def validate(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class ScaleStep:
+    """What a callback sees after each scale."""
+    index: int
+    total: int
+    grid: tuple[int, int]
+    summed_codes: torch.Tensor               # (B, d, H, W) on the final grid so far
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor                     # (B, H, W, 3) float in 0..1 (ComfyUI layout), CPU
+    bits: list[torch.Tensor]                 # per scale (B, h*w, d) in {0, 1}
+    summed_codes: torch.Tensor               # (B, d, h, w)
+    scales: list[tuple[int, int]]
+    seeds: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] | None = None  # per scale, conditional rows before CFG (return_logits=True)
+
+
+def sample_bits(probs: torch.Tensor, uniforms: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Bits from P(bit = 1) with the given uniforms; top-k/top-p restricted to two outcomes."""
+    greedy = (probs > 0.5).float()
+    sampled = (uniforms < probs).float()
+    if top_k == 1:
+        return greedy
+    if top_p > 0:
+        # Nucleus over {0, 1}: the likelier value alone already covers top_p -> take it.
+        confident = torch.maximum(probs, 1 - probs) >= top_p
+        return torch.where(confident, greedy, sampled)
+    return sampled
+
+
+def _decode_images(pipe: VARPipeline, summed: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        img = pipe.vae.decode(summed.to(pipe.vae.device))
+    return img.float().add(1).div(2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def decode_preview(pipe: VARPipeline, step: ScaleStep, index: int = 0) -> torch.Tensor:
+    """Decode one image of the current partial result, (H, W, 3) in 0..1."""
+    return _decode_images(pipe, step.summed_codes[index:index + 1])[0]
+
+
+@torch.no_grad()
+def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settings: SamplerSettings | None = None,
+             scales=None, aspect_ratio: str = "1:1", preset: str = "1M",
+             callback: Callable[[ScaleStep], None] | None = None, return_logits: bool = False) -> SampleResult:
+    """Draw one image per prompt. Image ``i`` uses the seed ``seed + i``.
+
+    ``scales`` overrides the schedule; otherwise the model's own (small models) or Infinity's
+    table for ``aspect_ratio`` and ``preset``. ``callback`` runs after every scale and may raise
+    (e.g. Cancelled) to stop.
+    """
+    s = settings or SamplerSettings()
+    s.validate()
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    model = pipe.transformer
+    scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
+    n, B, d = len(scales), len(prompts), model.cfg.bits
+    if n > model.cfg.num_levels:
+        raise ValueError(f"{n} scales but the model knows at most {model.cfg.num_levels}")
+    guided = any(s.cfg_at(i, n) != 1.0 for i in range(n))
+
+    feats, mask = pipe.encode_prompts(prompts)
+    cond = model.encode_text(feats, mask)
+    if guided:
+        if s.negative_prompt:
+            nf, nm = pipe.encode_prompts([s.negative_prompt] * B)
+        else:
+            nf, nm = model.uncond_features(mask), mask
+        cond = cond.cat(model.encode_text(nf, nm))
+    rows = cond.pooled.shape[0]
+
+    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(B)]
+    caches = [KVCache() for _ in model.blocks]
+    rope = model.rope_for(scales)
+    ada = model.shared_ada_lin(cond.pooled).view(rows, 1, 6, -1)
+    patch = pipe.vae.cfg.patch_size
+    H, W = scales[-1]
+    summed = torch.zeros(B, d // (patch * patch), H * patch, W * patch, device=model.device)
+    x = model.start_token(cond)
+    offset, all_bits, all_logits = 0, [], []
+    for i, (h, w) in enumerate(scales):
+        l = h * w
+        x = x + model.lvl_embed.weight[i].to(x.dtype)
+        r = rope[offset:offset + l]
+        offset += l
+        for blk, cache in zip(model.blocks, caches):
+            x = blk(x, ada, cond, r, None, cache)
+        logits = model.logits(x, cond.pooled)                         # (rows, l, d, 2)
+        if return_logits:
+            all_logits.append(logits[:B].cpu())
+        if guided:
+            g = s.cfg_at(i, n)
+            logits = g * logits[:B] + (1 - g) * logits[B:]
+        probs = torch.softmax(logits / s.tau, dim=-1)[..., 1].float().cpu()
+        u = torch.stack([torch.rand((l, d), generator=gen) for gen in gens])
+        bits = sample_bits(probs, u, s.top_k, s.top_p).to(model.device)
+        all_bits.append(bits)
+        summed = add_scale(summed, bits, (h, w), patch)
+        if callback is not None:
+            callback(ScaleStep(i, n, (h, w), summed))
+        if i + 1 < n:
+            nxt = model.word_embed(next_input(summed, scales[i + 1], patch).to(model.dtype))
+            x = torch.cat([nxt, nxt]) if guided else nxt
+    return SampleResult(_decode_images(pipe, summed), [b.cpu() for b in all_bits], summed.cpu(), scales,
+                        [seed + i for i in range(B)], all_logits if return_logits else None)

@@ -1,0 +1,2 @@
+"""Procedural toy world (shapes/colours/styles) and an analytic oracle that reads it back."""
+from . import world  # noqa: F401
