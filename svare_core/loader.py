@@ -56,8 +56,8 @@ def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = No
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = resolve_model_path(model)
+    transformer = load_transformer(path, device=device, dtype=dtype)   # validates the file first
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
-    transformer = load_transformer(path, device=device, dtype=dtype)
     vae_path = resolve_model_path(vae) if vae is not None else (path if "vae_config" in meta else None)
     if vae_path is None:
         raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
@@ -66,11 +66,12 @@ def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = No
     vae_device = vae_device or device
     vae_model = load_vae(vae_path, device=vae_device, token_bits=transformer.cfg.bits,
                          dtype=dtype if str(vae_device) != "cpu" else torch.float32)
-    text = TextEncoder(_resolve_text_encoder(text_encoder or meta.get("text_encoder"), path), device=text_device,
+    text_name = str(text_encoder or meta.get("text_encoder") or "")
+    text = TextEncoder(_resolve_text_encoder(text_name or None, path), device=text_device,
                        dtype=torch.float32 if str(text_device) == "cpu" else torch.float16)
     scales = transformer.cfg.scales or None
     name = str(model) if str(model) in BUNDLED else path.stem
-    return VARPipeline(transformer, vae_model, text, name=name, scales=scales)
+    return VARPipeline(transformer, vae_model, text, name=name, scales=scales, text_encoder_name=text_name)
 
 
 @lru_cache(maxsize=4)

@@ -19,7 +19,9 @@ class VARPipeline:
     text_encoder: TextEncoder
     name: str = "model"
     scales: list[tuple[int, int]] | None = None   # the default schedule (small models); None: use presets
-    patches: list = field(default_factory=list)    # erasure patches applied, in order
+    text_encoder_name: str | None = None            # how model files refer to the text encoder ("minilm", a folder)
+    patches: list = field(default_factory=list)     # (ErasurePatch, strength) applied, in order
+    base_transformer: Infinity | None = None        # the unpatched transformer (shared, never modified)
     base_fingerprint: str | None = None             # fingerprint of the transformer before any patch
 
     def __post_init__(self) -> None:
@@ -30,7 +32,7 @@ class VARPipeline:
             raise ValueError(f"the text encoder gives {self.text_encoder.width}-wide features but the transformer "
                              f"expects {self.transformer.cfg.text_dim}: pair it with its own text encoder")
         if self.base_fingerprint is None:
-            self.base_fingerprint = self.fingerprint()
+            self.base_fingerprint = state_dict_fingerprint((self.base_transformer or self.transformer).state_dict())
 
     def fingerprint(self) -> str:
         """Content hash of the transformer's current weights."""
@@ -50,9 +52,11 @@ class VARPipeline:
         from .schedules import infinity_schedule
         return infinity_schedule(aspect_ratio, preset)
 
-    def with_transformer(self, transformer: Infinity, patches: list | None = None) -> "VARPipeline":
+    def with_transformer(self, transformer: Infinity, patches: list | None = None,
+                         base_transformer: Infinity | None = None) -> "VARPipeline":
         """A new pipeline sharing the VAE and text encoder, with another transformer."""
         return replace(self, transformer=transformer, patches=list(self.patches if patches is None else patches),
+                       base_transformer=base_transformer or self.base_transformer or self.transformer,
                        base_fingerprint=self.base_fingerprint)
 
     def clone_transformer(self) -> Infinity:

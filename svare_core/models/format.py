@@ -34,6 +34,27 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     return path
 
 
+def unique_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without aliases (a submodule registered under two names is stored once)."""
+    seen, out = set(), {}
+    for k, v in module.state_dict().items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape)) if v.device.type != "meta" else k
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v
+    return out
+
+
+def load_unique_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a state dict saved by unique_state_dict (aliases are filled in by the module itself)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    aliases = set(module.state_dict()) - set(unique_state_dict(module))
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        raise KeyError(f"state dict does not fit {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: str | None = None,
                scales=None, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save a transformer and/or VAE with their configs into one safetensors file."""
@@ -42,9 +63,7 @@ def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: st
     for prefix, module in (("transformer", transformer), ("vae", vae)):
         if module is None:
             continue
-        for k, v in module.state_dict().items():
-            if prefix == "vae" and k.startswith("quantize."):
-                continue  # an alias of quantizer.*: stored once
+        for k, v in unique_state_dict(module).items():
             tensors[f"{prefix}.{k}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
         meta[f"{prefix}_config"] = json.dumps(module.cfg.to_dict())
     if text_encoder:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         if path.suffix == ".safetensors":
             return Checkpoint(path, _read_safetensors(path), read_metadata(path))
         if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap only works on the zip format; older torch.save files are read whole (still weights-only)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             return Checkpoint(path, _unwrap(obj, path))
     except ModelLoadError:
         raise

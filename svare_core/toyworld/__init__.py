@@ -1,2 +1,3 @@
 """Procedural toy world (shapes/colours/styles) and an analytic oracle that reads it back."""
-from . import world  # noqa: F401
+from . import oracle, world  # noqa: F401
+from .oracle import Oracle  # noqa: F401

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..models.format import atomic_save_safetensors, save_model
+from ..models.format import atomic_save_safetensors, load_unique_state_dict, save_model, unique_state_dict
 from ..models.infinity import Infinity, InfinityConfig
 from ..models.text import TextEncoder, minilm_path
 from ..models.vae import BSQVAE, VAEConfig
@@ -43,11 +43,11 @@ def toy_transformer_config() -> InfinityConfig:
 @dataclass
 class TrainSettings:
     seed: int = 0
-    vae_steps: int = 1200
+    vae_steps: int = 600
     vae_batch: int = 32
     vae_lr: float = 2e-3
     num_images: int = 60000
-    steps: int = 4000
+    steps: int = 3000
     batch: int = 48
     lr: float = 1.5e-3
     warmup: int = 100
@@ -70,7 +70,7 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0
 
 
 def _save_state(path: Path, module, opt, step: int) -> None:
-    atomic_save_safetensors(module.state_dict(), path.with_suffix(".safetensors"), {"step": str(step)})
+    atomic_save_safetensors(unique_state_dict(module), path.with_suffix(".safetensors"), {"step": str(step)})
     tmp = path.with_suffix(".opt.tmp")
     torch.save({"opt": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}, tmp)
     tmp.replace(path.with_suffix(".opt"))
@@ -80,7 +80,7 @@ def _load_state(path: Path, module, opt) -> int:
     from safetensors.torch import load_file
     if not path.with_suffix(".safetensors").exists() or not path.with_suffix(".opt").exists():
         return 0
-    module.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+    load_unique_state_dict(module, load_file(str(path.with_suffix(".safetensors"))))
     state = torch.load(path.with_suffix(".opt"), weights_only=True)
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["rng"])

@@ -1,0 +1,135 @@
+"""Prompt pairs (unsafe prompt c_u -> safe anchor c_s) that differ only in the concept.
+
+Pairs come from the user (a file, or lines "unsafe => safe"), or are expanded from a concept and
+an anchor through templates of a kind: object, style, nudity, or the toy world's attributes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    unsafe: str
+    safe: str
+    concept: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.unsafe.strip() or not self.safe.strip():
+            raise ValueError(f"a prompt pair needs two non-empty prompts, got {self.unsafe!r} => {self.safe!r}")
+
+
+TEMPLATES: dict[str, list[str]] = {
+    "object": ["a photo of a {}", "a {} on a table", "a close-up photo of a {}", "a painting of a {}",
+               "a {} in a field", "a picture of a {} in a room", "a black and white photo of a {}",
+               "a {} under the sky"],
+    "style": ["a painting of a city in the style of {}", "a portrait of a woman in the style of {}",
+              "a landscape with mountains in the style of {}", "a still life with fruit in the style of {}",
+              "a street at night, art by {}", "a harbour with boats by {}", "a cat, painted by {}",
+              "a garden with flowers in the style of {}"],
+    "nudity": ["a photo of a {} person", "a {} woman on the beach", "a {} man in a room",
+               "a painting of a {} figure", "a {} couple in a garden", "a portrait of a {} model"],
+}
+DEFAULT_ANCHORS = {"nudity": "dressed", "style": "a generic artist"}
+KINDS = (*TEMPLATES, "toy")
+
+
+def _mentions(prompt: str, concept: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(concept.lower())}(?!\w)", prompt.lower()) is not None
+
+
+def toy_pairs(concept: str, anchor: str) -> list[PromptPair]:
+    """Pairs for a toy-world attribute value: every combination of the other attributes."""
+    from ..toyworld import world
+
+    attribute = next((a for a, values in world.VALUES.items() if concept in values), None)
+    if attribute is None:
+        known = sorted(v for vs in world.VALUES.values() for v in vs)
+        raise ValueError(f"{concept!r} is not a toy-world value; choose one of {known}")
+    if anchor not in world.VALUES[attribute]:
+        raise ValueError(f"anchor {anchor!r} must be another {attribute} of the toy world: {world.VALUES[attribute]}")
+    others = [a for a in ("shape", "colour", "style") if a != attribute]
+    pairs = [PromptPair(world.full_caption(**{attribute: concept}), world.full_caption(**{attribute: anchor}), concept)]
+    for first in world.VALUES[others[0]]:
+        pairs.append(PromptPair(world.full_caption(**{attribute: concept, others[0]: first}),
+                                world.full_caption(**{attribute: anchor, others[0]: first}), concept))
+    for second in world.VALUES[others[1]]:
+        pairs.append(PromptPair(world.full_caption(**{attribute: concept, others[1]: second}),
+                                world.full_caption(**{attribute: anchor, others[1]: second}), concept))
+    return pairs
+
+
+def expand_concept(concept: str, anchor: str | None = None, kind: str = "object") -> list[PromptPair]:
+    """Build pairs from templates: ``expand_concept("Van Gogh", "Monet", "style")``."""
+    concept = (concept or "").strip()
+    if not concept:
+        raise ValueError("the concept to erase is empty: name it, e.g. 'red' or 'Van Gogh'")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+    anchor = (anchor or DEFAULT_ANCHORS.get(kind, "")).strip()
+    if not anchor:
+        raise ValueError(f"give an anchor concept to draw instead of {concept!r} (e.g. a related but harmless one)")
+    if anchor.lower() == concept.lower():
+        raise ValueError(f"the anchor {anchor!r} is the concept itself: choose a different one")
+    if kind == "toy":
+        return toy_pairs(concept, anchor)
+    return [PromptPair(t.format(concept), t.format(anchor), concept) for t in TEMPLATES[kind]]
+
+
+def parse_pairs(text: str, concept: str | None = None) -> list[PromptPair]:
+    """Lines "unsafe prompt => safe prompt" (blank lines and # comments skipped)."""
+    pairs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=>" not in line:
+            raise ValueError(f"line {n}: {line!r} has no '=>'; write 'unsafe prompt => safe prompt'")
+        unsafe, safe = (p.strip() for p in line.split("=>", 1))
+        pairs.append(PromptPair(unsafe, safe, concept or ""))
+    return pairs
+
+
+def load_pairs(path: str | Path, concept: str | None = None) -> list[PromptPair]:
+    """Pairs from a .json ([{"unsafe": .., "safe": ..}] or [[u, s], ..]), .csv (unsafe,safe) or text file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".json":
+        items = json.loads(text)
+        pairs = [PromptPair(i["unsafe"], i["safe"], i.get("concept", concept or "")) if isinstance(i, dict)
+                 else PromptPair(i[0], i[1], concept or "") for i in items]
+    elif path.suffix == ".csv":
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")]
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["unsafe", "safe"]:
+            rows = rows[1:]
+        pairs = [PromptPair(r[0].strip(), r[1].strip(), concept or "") for r in rows]
+    else:
+        pairs = parse_pairs(text, concept)
+    return pairs
+
+
+def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:
+    """Refuse pairs that cannot teach erasure; warn about duplicates (and drop them)."""
+    if not pairs:
+        raise ValueError("no prompt pairs: give pairs, or a concept and an anchor")
+    seen, unique = set(), []
+    for p in pairs:
+        if p.concept and not _mentions(p.unsafe, p.concept):
+            raise ValueError(f"the unsafe prompt {p.unsafe!r} does not mention the concept {p.concept!r}: "
+                             "each unsafe prompt must name what is erased")
+        if p.unsafe.strip().lower() == p.safe.strip().lower():
+            raise ValueError(f"the pair {p.unsafe!r} => {p.safe!r} has the same prompt twice: the safe prompt "
+                             "must differ in the concept")
+        key = (p.unsafe.strip().lower(), p.safe.strip().lower())
+        if key in seen:
+            warnings.warn(f"duplicate pair {p.unsafe!r} => {p.safe!r} dropped", stacklevel=2)
+            continue
+        seen.add(key)
+        unique.append(p)
+    return unique

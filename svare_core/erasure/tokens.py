@@ -1,0 +1,65 @@
+"""Auxiliary visual tokens (VARE): what the frozen model draws for the safe prompts.
+
+For each safe prompt the original model generates an image; its bits at every scale become the
+labels, and the teacher-forcing inputs derived from them become the context, of the erasure
+training under the unsafe prompt. They are computed once and cached on disk, keyed by the model
+fingerprint, prompt, seed, schedule and sampler settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..models.bitwise import teacher_forcing_inputs
+from ..models.format import atomic_save_safetensors
+from ..pipeline import VARPipeline
+from ..sampling import SamplerSettings, generate
+
+
+@dataclass
+class AuxTokens:
+    """Bits (N, L, d) and teacher-forcing inputs (N, L-1, d) for N generated images."""
+    bits: torch.Tensor
+    inputs: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.bits.shape[0]
+
+
+def _cache_key(fingerprint: str, prompt: str, seed: int, settings: SamplerSettings, scales) -> str:
+    blob = json.dumps({"model": fingerprint, "prompt": prompt, "seed": seed, "settings": asdict(settings),
+                       "scales": [list(s) for s in scales]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
+                     scales, cache_dir: str | Path | None = None, fingerprint: str | None = None,
+                     callback=None) -> dict[str, AuxTokens]:
+    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model."""
+    fingerprint = fingerprint or pipe.fingerprint()
+    patch = pipe.vae.cfg.patch_size
+    out: dict[str, AuxTokens] = {}
+    for k, prompt in enumerate(dict.fromkeys(prompts)):
+        rows = []
+        for seed in seeds:
+            path = Path(cache_dir) / f"{_cache_key(fingerprint, prompt, seed, settings, scales)}.safetensors" if cache_dir else None
+            if path is not None and path.exists():
+                rows.append(load_file(str(path))["bits"].float())
+                continue
+            res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales)
+            bits = torch.cat(res.bits, dim=1)
+            if path is not None:
+                atomic_save_safetensors({"bits": bits.to(torch.uint8)}, path, {"prompt": prompt, "seed": str(seed)})
+            rows.append(bits.float())
+        bits = torch.cat(rows)
+        per_scale = list(torch.split(bits, [h * w for h, w in scales], dim=1))
+        inputs, _ = teacher_forcing_inputs(per_scale, scales, patch)
+        out[prompt] = AuxTokens(bits, inputs)
+        if callback is not None:
+            callback(k + 1, len(set(prompts)))
+    return out
