@@ -9,6 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+# On a shared 2-core machine a second torch thread mostly spins: one thread is many times faster.
+torch.set_num_threads(1)
+
 from svare_core.models.infinity import Infinity, InfinityConfig
 from svare_core.models.text import TextEncoder, minilm_path
 from svare_core.models.vae import BSQVAE, VAEConfig

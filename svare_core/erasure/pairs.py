@@ -133,3 +133,21 @@ def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:
         seen.add(key)
         unique.append(p)
     return unique
+
+
+def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = None, kind: str = "object",
+                pairs_text: str = "") -> list[PromptPair]:
+    """Pairs as users describe them: explicit "unsafe => safe" lines win over templates; else one
+    or several concepts ("red, star") with one anchor each, or one anchor for all."""
+    split = lambda v: [x.strip() for x in (v.split(",") if isinstance(v, str) else v or []) if x and x.strip()]  # noqa: E731
+    concepts, anchors = split(concepts), split(anchors)
+    if pairs_text.strip():
+        named = lambda prompt: next((c for c in concepts if _mentions(prompt, c)), "")  # noqa: E731
+        return validate_pairs([PromptPair(p.unsafe, p.safe, named(p.unsafe)) for p in parse_pairs(pairs_text)])
+    if not concepts:
+        raise ValueError("name the concept to erase (or write prompt pairs 'unsafe => safe')")
+    if len(anchors) > 1 and len(anchors) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but {len(anchors)} anchors: give one anchor per concept "
+                         "(comma-separated, in the same order) or a single anchor for all")
+    anchors = anchors * len(concepts) if len(anchors) == 1 else anchors or [None] * len(concepts)
+    return validate_pairs([p for c, a in zip(concepts, anchors) for p in expand_concept(c, a, kind)])

@@ -51,9 +51,9 @@ def dense_parameters(model: Infinity, name: str) -> dict[str, nn.Parameter]:
 def add_lora(model: Infinity, targets: str | tuple[str, ...], rank: int, alpha: float | None = None
              ) -> dict[str, LoRADelta]:
     """Parametrise the target linear layers of every block with LoRA; returns {weight name: LoRADelta}."""
-    suffixes = LORA_TARGETS[targets] if isinstance(targets, str) else tuple(targets)
     if isinstance(targets, str) and targets not in LORA_TARGETS:
         raise ValueError(f"unknown LoRA targets {targets!r}; choose one of {sorted(LORA_TARGETS)}")
+    suffixes = LORA_TARGETS[targets] if isinstance(targets, str) else tuple(targets)
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     added = {}

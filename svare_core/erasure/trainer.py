@@ -23,7 +23,7 @@ from . import losses
 from .pairs import PromptPair, validate_pairs
 from .patches import ErasurePatch
 from .tokens import AuxTokens, auxiliary_tokens
-from .trainable import add_lora, dense_parameters, remove_lora
+from .trainable import DENSE_SETS, LORA_TARGETS, add_lora, dense_parameters, remove_lora
 
 METHODS = ("svare", "vare", "esd")
 
@@ -64,6 +64,13 @@ class EraseConfig:
             raise ValueError(f"supervised_scales must be 'all' or 'first', got {self.supervised_scales!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        # Checked here too, so a typo fails before the (slow) auxiliary-token generation.
+        if self.trainable != "lora" and self.trainable not in DENSE_SETS:
+            raise ValueError(f"unknown trainable set {self.trainable!r}; choose one of {sorted(DENSE_SETS)} or 'lora'")
+        if self.trainable == "lora" and self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"unknown LoRA targets {self.lora_targets!r}; choose one of {sorted(LORA_TARGETS)}")
+        if self.trainable == "lora" and self.lora_rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.lora_rank}")
 
 
 @dataclass
@@ -107,7 +114,8 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     with torch.inference_mode(False), torch.enable_grad():
         frozen = pipe.transformer
         student = copy.deepcopy(frozen).float() if cfg.precision == "fp32" else copy.deepcopy(frozen)
-        student.requires_grad_(False)
+        # Train mode: the model has no dropout, but Infinity.forward only checkpoints in training mode.
+        student.requires_grad_(False).train()
         for p in student.parameters():
             p.data = p.data.clone()
 

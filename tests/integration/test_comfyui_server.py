@@ -372,7 +372,9 @@ def test_out_of_range_widget_is_rejected(server, ui_driver, workflow):
         pytest.skip(f"{workflow.name}: no pack node with a bounded INT/FLOAT widget value")
     bad, nid, name, err_type = found
     status, body = server.post("/prompt", {"prompt": bad, "client_id": "svare-test"})
-    assert status == 400, f"expected 400 for {nid}.{name}={bad[nid]['inputs'][name]}, got {status}: {body}"
+    # ComfyUI answers 400 when no output can run, and 200 (still listing node_errors, running
+    # nothing of the bad node) when another output branch stays valid.
+    assert status in (200, 400), f"unexpected status {status} for {nid}.{name}: {body}"
     node_errors = body.get("node_errors", {})
     assert nid in node_errors, body
     types = [e.get("type") for e in node_errors[nid].get("errors", [])]

@@ -1,0 +1,56 @@
+"""Input specs shared by several nodes (one definition, one tooltip)."""
+from __future__ import annotations
+
+from svare_core.schedules import aspect_ratios, presets
+
+from .defaults import SEED_MAX
+
+
+def seed(default: int = 0, what: str = "Random seed: image i of a batch uses seed + i.") -> tuple:
+    return ("INT", {"default": default, "min": 0, "max": SEED_MAX, "tooltip": what})
+
+
+def cfg(default: float) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1,
+                      "tooltip": "Classifier-free guidance: 1 = off; higher follows the prompt more closely."})
+
+
+def tau(default: float) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.05, "max": 5.0, "step": 0.05,
+                      "tooltip": "Sampling temperature on the guided bit logits (lower = more deterministic)."})
+
+
+def top_p(default: float) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01,
+                      "tooltip": "Nucleus sampling per bit: bits whose likelier value has at least this "
+                                 "probability are taken greedily. 0 = off."})
+
+
+def resolution(default: str) -> tuple:
+    return (list(presets()), {"default": default,
+                              "tooltip": "Resolution preset of Infinity's scale schedule (1M = 1024 px). Ignored by "
+                                         "models that carry their own schedule, like the toy model (64 px)."})
+
+
+def aspect_ratio(default: str) -> tuple:
+    return (aspect_ratios(), {"default": default,
+                              "tooltip": "Aspect ratio height:width of Infinity's schedule. Ignored by models with "
+                                         "their own schedule (the toy model is square)."})
+
+
+def prompt_lines(text: str) -> list[str]:
+    """Non-empty lines of a multiline widget."""
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def scale_callback(pipe, bar, offset: int = 0):
+    """A generate() callback: stop on the user's interrupt, advance ``bar``, show the partial image."""
+    from svare_core import decode_preview, visual
+
+    from . import comfy_adapter as comfy
+
+    def on_scale(step) -> None:
+        comfy.check_interrupt()
+        preview = visual.upscale(visual.to_pil(decode_preview(pipe, step)), 256) if bar.wants_preview else None
+        bar.update(offset + step.index + 1, preview)
+    return on_scale

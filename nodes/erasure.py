@@ -1,0 +1,168 @@
+"""Concept erasure nodes: train a patch (Erase Concept), apply it, save it, load it."""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from svare_core import visual
+from svare_core.defaults import erase_defaults
+from svare_core.erasure import ErasurePatch, apply_patch, build_pairs, erase
+from svare_core.erasure.pairs import KINDS
+from svare_core.erasure.trainer import METHODS
+
+from . import comfy_adapter as comfy
+from . import common
+from .defaults import APPLY, ERASE, core_seed
+from .loaders import MODEL
+
+PATCH = "SVARE_ERASURE_PATCH"
+TRAINABLE = ("xattn_ffn", "xattn", "ffn", "lora")
+
+
+def describe(patch: ErasurePatch) -> str:
+    m = patch.meta
+    return (f"erases {', '.join(patch.concepts) or '(unnamed)'} | method {m.get('method')} | {m.get('steps')} steps | "
+            f"{len(m.get('pairs', []))} pairs | {patch.num_values():,} values | base {m.get('base_model')} "
+            f"({patch.base_fingerprint})")
+
+
+class EraseConcept:
+    DESCRIPTION = ("Fine-tune a copy of the model so it no longer draws a concept (S-VARE; or the naive VARE / ESD "
+                   "baselines). The result is a small erasure patch; the input model is not changed.")
+    CATEGORY = "svare/erasure"
+    RETURN_TYPES = (PATCH, "IMAGE", "STRING")
+    RETURN_NAMES = ("patch", "loss_curve", "report")
+    OUTPUT_TOOLTIPS = ("The erasure patch: apply it with Apply Erasure Patch, keep it with Save Erasure Patch.",
+                       "Plot of the training losses.", "Summary of the training run.")
+    FUNCTION = "erase"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = ERASE
+        return {"required": {
+            "model": (MODEL, {"tooltip": "The model to erase the concept from (it is not modified)."}),
+            "concept": ("STRING", {"default": d["concept"], "tooltip": "What to erase, e.g. 'striped', 'Van Gogh', "
+                                   "'nude'. Several: comma-separated ('red, star')."}),
+            "anchor": ("STRING", {"default": d["anchor"], "tooltip": "What to draw instead (a related, harmless "
+                                  "concept), one per concept, comma-separated."}),
+            "kind": (list(KINDS), {"default": d["kind"], "tooltip": "Prompt templates for the concept: object, style, "
+                                   "nudity, or toy (attributes of the bundled toy world)."}),
+            "pairs": ("STRING", {"default": "", "multiline": True,
+                                 "tooltip": "Optional prompt pairs, one per line: 'unsafe prompt => safe prompt'. "
+                                            "When given, they replace the templates."}),
+            "method": (list(METHODS), {"default": d["method"], "tooltip": "svare: filtered CE + preservation "
+                                       "(the paper's method); vare: plain CE; esd: ESD on the logits."}),
+            "steps": ("INT", {"default": d["steps"], "min": 1, "max": 100000, "tooltip": "Training iterations."}),
+            "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 1e-7, "max": 1e-2, "step": 1e-6,
+                                        "round": False, "tooltip": "AdamW learning rate (Infinity-2B: about 2e-5)."}),
+            "trainable": (list(TRAINABLE), {"default": d["trainable"], "tooltip": "Which weights learn: cross-attention "
+                                            "and/or feed-forward layers, or LoRA adapters on the attention."}),
+            "lora_rank": ("INT", {"default": d["lora_rank"], "min": 1, "max": 128,
+                                  "tooltip": "Rank of the LoRA adapters (only for trainable = lora)."}),
+            "preservation_weight": ("FLOAT", {"default": d["preservation_weight"], "min": 0.0, "max": 10.0,
+                                              "step": 0.05, "tooltip": "Weight of the loss that keeps everything "
+                                              "else unchanged (svare only)."}),
+            "teacher_cfg": ("FLOAT", {"default": d["teacher_cfg"], "min": 1.0, "max": 20.0, "step": 0.1,
+                                      "tooltip": "Guidance of the frozen model that draws the safe targets."}),
+            "preserve_prompts": ("STRING", {"default": "", "multiline": True,
+                                            "tooltip": "Optional prompts (one per line) whose images must not "
+                                                       "change."}),
+            "seed": common.seed(d["seed"], "Seed of the training run (targets, pair order)."),
+        }}
+
+    def erase(self, model, concept, anchor, kind, pairs, method, steps, learning_rate, trainable, lora_rank,
+              preservation_weight, teacher_cfg, preserve_prompts, seed):
+        prompt_pairs = build_pairs(concept, anchor, kind, pairs)
+        # The widgets override the per-family defaults; the rest (targets per prompt, batch, precision) stays.
+        config = replace(erase_defaults(model), method=method, steps=steps, lr=learning_rate, trainable=trainable,
+                         lora_rank=lora_rank, preservation_weight=preservation_weight, teacher_cfg=teacher_cfg,
+                         seed=core_seed(seed))
+        bar, history, every = comfy.progress(steps), [], max(1, steps // 25)
+
+        def on_step(step):
+            comfy.check_interrupt()
+            history.append({"step": step.step, **step.losses})
+            show = bar.wants_preview and (step.step % every == 0 or step.step == step.total)
+            bar.update(step.step, visual.loss_curve(history, size=(384, 216)) if show else None)
+
+        result = erase(model, prompt_pairs, config, preserve_prompts=common.prompt_lines(preserve_prompts),
+                       callback=on_step)
+        last = ", ".join(f"{k} {v:.4g}" for k, v in result.history[-1].items() if k != "step") if result.history else ""
+        report = (f"{describe(result.patch)}\nfinal losses: {last}\n{result.seconds:.1f} s"
+                  + (f", peak GPU memory {result.peak_memory_mb:.0f} MB" if result.peak_memory_mb else ""))
+        return (result.patch, visual.to_comfy_image(visual.loss_curve(result.history)), report)
+
+
+class ApplyErasurePatch:
+    DESCRIPTION = ("Apply an erasure patch to a model, with a strength. Returns a new model; the input is not "
+                   "changed. Chain several to erase several concepts.")
+    CATEGORY = "svare/erasure"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the patch applied (on top of any already applied).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (MODEL, {"tooltip": "The model to patch (not modified)."}),
+            "patch": (PATCH, {"tooltip": "The erasure patch (Erase Concept or Load Erasure Patch)."}),
+            "strength": ("FLOAT", {"default": APPLY["strength"], "min": -2.0, "max": 2.0, "step": 0.05,
+                                   "tooltip": "1 = as trained, 0 = no effect, between = partial erasure; "
+                                              "negative values push the other way."}),
+            "force": ("BOOLEAN", {"default": False, "tooltip": "Apply even if the patch was made for another base "
+                                  "model (results are then unpredictable)."}),
+        }}
+
+    def apply(self, model, patch, strength, force):
+        return (apply_patch(model, patch, strength, force=force),)
+
+
+class SaveErasurePatch:
+    DESCRIPTION = "Save an erasure patch (a small .safetensors file) into models/erasure_patches."
+    CATEGORY = "svare/erasure"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("The saved file's name inside models/erasure_patches.",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "patch": (PATCH, {"tooltip": "The erasure patch to save."}),
+            "filename_prefix": ("STRING", {"default": "svare_patch", "tooltip": "File name start; a counter and "
+                                           ".safetensors are added. Plain names only (no folders)."}),
+        }}
+
+    def save(self, patch, filename_prefix):
+        prefix = filename_prefix.strip()
+        if not prefix or not re.fullmatch(r"[\w\-. ]+", prefix) or ".." in prefix:
+            raise ValueError(f"filename_prefix {filename_prefix!r} must be a plain name (letters, digits, '-', '_', "
+                             "'.', spaces; no folders or '..')")
+        folder = comfy.models_dir("erasure_patches")
+        n = 1 + max((int(m.group(1)) for p in (folder.glob(f"{prefix}_*.safetensors") if folder.is_dir() else [])
+                     if (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)\.safetensors", p.name))), default=0)
+        name = f"{prefix}_{n:05d}.safetensors"
+        path = patch.save(folder / name)
+        return {"ui": {"text": [f"saved {path}"]}, "result": (name,)}
+
+
+class LoadErasurePatch:
+    DESCRIPTION = "Load an erasure patch from models/erasure_patches (or one shipped with the pack)."
+    CATEGORY = "svare/erasure"
+    RETURN_TYPES = (PATCH, "STRING")
+    RETURN_NAMES = ("patch", "info")
+    OUTPUT_TOOLTIPS = ("The erasure patch.", "What it erases and how it was made.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "patch_name": (comfy.list_files("erasure_patches"), {
+                "tooltip": "A .safetensors patch in models/erasure_patches (saved by Save Erasure Patch)."}),
+        }}
+
+    def load(self, patch_name):
+        patch = ErasurePatch.load(comfy.full_path("erasure_patches", patch_name))
+        return (patch, describe(patch))

@@ -1,0 +1,77 @@
+"""Load VAR: a transformer + VAE + text encoder as one SVARE_VAR_MODEL (a svare_core VARPipeline)."""
+from __future__ import annotations
+
+import torch
+
+from svare_core import VARPipeline, hub, load_pipeline_cached
+
+from . import comfy_adapter as comfy
+from .defaults import LOADER
+
+MODEL = "SVARE_VAR_MODEL"
+BUNDLED = "toyworld (bundled)"
+FROM_FILE = "(from model file)"
+
+
+def _path(kind: str, choice: str) -> str | None:
+    """A list entry -> what load_pipeline understands (downloading known files when needed)."""
+    if choice in (FROM_FILE, "minilm"):
+        return None if choice == FROM_FILE else choice
+    known = hub.from_label(choice)
+    if known is not None:
+        return str(hub.resolve(known.name, comfy.models_dir(known.folder)))
+    return str(comfy.full_path(kind, choice))
+
+
+class LoadVAR:
+    DESCRIPTION = ("Load a next-scale VAR text-to-image model: the bundled toy model, or Infinity-2B/8B from "
+                   "models/var (entries marked '(download)' are fetched from Hugging Face on first use).")
+    CATEGORY = "svare"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded model (transformer, VAE and text encoder).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = comfy.list_files("var")
+        return {"required": {
+            "transformer": ([BUNDLED, *files, *hub.labels("transformer")], {
+                "default": BUNDLED,
+                "tooltip": "The transformer: the bundled toy model, a file in models/var (Infinity: "
+                           "infinity_2b_reg.pth, or infinity_8b_weights/model.safetensors.index.json), or a "
+                           "'(download)' entry fetched from Hugging Face into models/var."}),
+            "vae": ([FROM_FILE, *files, *hub.labels("vae")], {
+                "default": FROM_FILE,
+                "tooltip": "The VAE. '(from model file)' for svare model files (the toy model holds its own); "
+                           "Infinity-2B needs infinity_vae_d32reg.pth, Infinity-8B "
+                           "infinity_vae_d56_f8_14_patchify.pth."}),
+            "text_encoder": ([FROM_FILE, "minilm", *comfy.list_folders("text_encoders"),
+                              *hub.labels("text_encoder")], {
+                "default": FROM_FILE,
+                "tooltip": "The text encoder: the one the model file names (toy model: minilm), or a Hugging "
+                           "Face folder in models/text_encoders (Infinity: flan-t5-xl)."}),
+            "precision": (["fp32", "bf16", "fp16"], {
+                "default": LOADER["precision"],
+                "tooltip": "Weights precision of the transformer. bf16 halves memory on GPUs; fp32 on CPU."}),
+            "device": (["auto", "cpu", "cuda"], {
+                "default": LOADER["device"], "tooltip": "Where the transformer runs; auto: ComfyUI's device."}),
+            "offload_text_encoder": ("BOOLEAN", {
+                "default": LOADER["offload_text_encoder"],
+                "tooltip": "Keep the text encoder on the CPU (Flan-T5-XL needs ~10 GB otherwise)."}),
+            "offload_vae": ("BOOLEAN", {
+                "default": LOADER["offload_vae"], "tooltip": "Keep the VAE on the CPU (slower decoding)."}),
+        }}
+
+    def load(self, transformer, vae, text_encoder, precision, device, offload_text_encoder, offload_vae):
+        if isinstance(transformer, VARPipeline):        # tests (and scripts) may hand in a ready pipeline
+            return (transformer,)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was chosen but this machine has no usable CUDA GPU: choose auto or cpu")
+        device = comfy.torch_device() if device == "auto" else device
+        model = "toyworld" if transformer == BUNDLED else _path("var", transformer)
+        pipe = load_pipeline_cached(model, vae=_path("var", vae), text_encoder=_path("text_encoders", text_encoder),
+                                    device=str(device), dtype=precision,
+                                    vae_device="cpu" if offload_vae else None,
+                                    text_device="cpu" if offload_text_encoder else str(device))
+        return (pipe,)

@@ -1,0 +1,264 @@
+"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,inspect} ...``"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="toyworld", help="'toyworld' (bundled), a svare file, or an Infinity checkpoint")
+    p.add_argument("--vae", default=None, help="VAE file (Infinity checkpoints need one)")
+    p.add_argument("--text-encoder", default=None, help="text encoder folder (Infinity: google/flan-t5-xl)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--patch", action="append", default=[], help="erasure patch to apply (repeatable)")
+    p.add_argument("--strength", type=float, action="append", default=[], help="strength per --patch (default 1)")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load(args):
+    from . import load_pipeline
+    from .erasure import ErasurePatch, apply_patch
+
+    pipe = load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
+    for i, path in enumerate(args.patch):
+        strength = args.strength[i] if i < len(args.strength) else 1.0
+        pipe = apply_patch(pipe, ErasurePatch.load(path), strength)
+    return pipe
+
+
+def _settings(args, pipe):
+    from .defaults import sampler_defaults
+
+    s = sampler_defaults(pipe)
+    for name in ("cfg", "tau", "top_p", "top_k"):
+        if getattr(args, name, None) is not None:
+            s = replace(s, **{name: getattr(args, name)})
+    if getattr(args, "negative_prompt", None):
+        s = replace(s, negative_prompt=args.negative_prompt)
+    return s
+
+
+def _scale_bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="scale", leave=False)
+    return bar, (lambda step: bar.update(1))
+
+
+def cmd_sample(args) -> None:
+    from . import generate
+    from .visual import save_png
+
+    pipe = _load(args)
+    settings = _settings(args, pipe)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    bar = tqdm(total=len(prompts), desc="sampling", unit="img")
+    for i in range(0, len(prompts), args.batch):
+        chunk = prompts[i:i + args.batch]
+        res = generate(pipe, chunk, seed=args.seed + i, settings=settings, aspect_ratio=args.aspect_ratio,
+                       preset=args.preset)
+        for j, img in enumerate(res.images):
+            save_png(img, out / f"{args.seed + i + j:05d}.png", {"prompt": chunk[j], "seed": str(args.seed + i + j)})
+        bar.update(len(chunk))
+    bar.close()
+    print(f"wrote {len(prompts)} images to {out}")
+
+
+def _pairs_from_args(args):
+    from .erasure import build_pairs, load_pairs, validate_pairs
+
+    if args.pairs and Path(args.pairs).is_file():
+        return validate_pairs(load_pairs(args.pairs, args.concept[0] if len(args.concept) == 1 else None))
+    return build_pairs(args.concept, args.anchor, args.kind, (args.pairs or "").replace(";", "\n"))
+
+
+def _erase_config(args, pipe):
+    from .defaults import erase_defaults
+
+    cfg = erase_defaults(pipe)
+    for name in ("method", "steps", "lr", "trainable", "lora_rank", "preservation_weight", "teacher_cfg", "seed"):
+        v = getattr(args, name, None)
+        if v is not None:
+            cfg = replace(cfg, **{name: v})
+    return cfg
+
+
+def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
+    from .erasure import erase
+
+    bar = tqdm(total=cfg.steps, desc=desc, unit="step")
+
+    def on_step(s):
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in s.losses.items()})
+
+    result = erase(pipe, pairs, cfg, preserve_prompts=preserve, callback=on_step)
+    bar.close()
+    return result
+
+
+def cmd_erase(args) -> None:
+    pipe = _load(args)
+    pairs = _pairs_from_args(args)
+    cfg = _erase_config(args, pipe)
+    result = _run_erase(pipe, pairs, cfg, args.preserve)
+    result.patch.meta["metrics"]["train_seconds"] = round(result.seconds, 1)
+    path = result.patch.save(args.out)
+    print(f"erased {result.patch.concepts} with {cfg.method} in {result.seconds:.0f} s; patch: {path} "
+          f"({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def cmd_evaluate(args) -> None:
+    from .erasure.evaluate import evaluate_toy
+    from .loader import load_pipeline
+
+    erased = _load(args)
+    base = load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
+    concepts = args.concept or sorted({c for p, _ in erased.patches for c in p.concepts})
+    if not concepts:
+        raise SystemExit("name the erased concepts with --concept, or give --patch files that record them")
+    report = evaluate_toy(base, erased, concepts, seeds=args.seeds, settings=_settings(args, base))
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+
+
+def cmd_inspect(args) -> None:
+    from .models.loading import ModelLoadError, inspect_file
+
+    try:
+        print(inspect_file(args.path).summary())
+    except ModelLoadError as e:
+        print(f"cannot use {args.path}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_demo(args) -> None:
+    """The main job: erase a concept from the toy model, write a before/after grid and the report."""
+    from . import generate
+    from .erasure import apply_patch, expand_concept
+    from .erasure.evaluate import evaluate_toy
+    from .toyworld import world
+    from .visual import labelled_grid
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = _load(args)
+    cfg = _erase_config(args, base)
+    pairs = expand_concept(args.concept, args.anchor, "toy")
+    result = _run_erase(base, pairs, cfg, args.preserve, desc=f"erasing '{args.concept}'")
+    result.patch.save(out / f"erase_{args.concept}.safetensors")
+    erased = apply_patch(base, result.patch)
+    settings = _settings(args, base)
+    attr = next(a for a, vs in world.VALUES.items() if args.concept in vs)
+    other = "shape" if attr != "shape" else "colour"
+    prompts = [world.full_caption(**{attr: args.concept, other: v}) for v in world.VALUES[other][:4]]
+    prompts += [world.full_caption(**{attr: args.anchor, other: world.VALUES[other][0]}),
+                world.full_caption(shape="heart" if args.concept != "heart" else "square",
+                                   colour="green" if args.concept != "green" else "white")]
+    rows = []
+    for model in tqdm([base, erased], desc="grid", unit="model"):
+        res = generate(model, [p for p in prompts for _ in range(args.grid_seeds)], seed=args.seed, settings=settings)
+        rows.append(res.images)
+    cells = [[rows[m][i * args.grid_seeds + s] for m in range(2) for s in range(args.grid_seeds)] for i in range(len(prompts))]
+    cols = [f"{name} #{s}" for name in ("before", "after") for s in range(args.grid_seeds)]
+    labelled_grid(cells, prompts, cols).save(out / "before_after.png")
+    report = evaluate_toy(base, erased, [args.concept], seeds=args.seeds, settings=settings)
+    report["train_seconds"] = round(result.seconds, 1)
+    report["total_seconds"] = round(time.time() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    c = report["concepts"][args.concept]
+    print(f"\nerased '{args.concept}' -> '{args.anchor}' in {result.seconds:.0f} s "
+          f"(total {report['total_seconds']:.0f} s)\n"
+          f"  erasure rate {c['erasure_rate']:.1%} (base model: {c['base_absent_rate']:.1%} absent), "
+          f"paraphrases {c['paraphrase_erasure_rate']:.1%}\n"
+          f"  preservation: concept prompts {c['preservation_on_concept_prompts']:.1%}, "
+          f"unrelated prompts {report['unrelated']['preservation_unrelated']:.1%}\n"
+          f"wrote {out / 'before_after.png'}, {out / 'report.json'}, {out / f'erase_{args.concept}.safetensors'}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m svare_core", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="erase a concept from the toy model; write a before/after grid and a report")
+    _add_model_args(d)
+    _add_sampler_args(d)
+    d.add_argument("--concept", default="red")
+    d.add_argument("--anchor", default="blue")
+    d.add_argument("--preserve", action="append", default=[])
+    d.add_argument("--out", default="outputs/demo")
+    d.add_argument("--seeds", type=int, default=4, help="samples per prompt in the report")
+    d.add_argument("--grid-seeds", type=int, default=3)
+    for name, typ in (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
+                      ("preservation_weight", float), ("teacher_cfg", float)):
+        d.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sample", help="generate PNGs")
+    _add_model_args(s)
+    _add_sampler_args(s)
+    s.add_argument("--prompt", action="append", required=True, help="repeatable")
+    s.add_argument("--negative-prompt", default=None)
+    s.add_argument("--n", type=int, default=1, help="images per prompt")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--aspect-ratio", default="1:1")
+    s.add_argument("--preset", default="1M", help="Infinity resolution preset (0.06M, 0.25M, 0.60M, 1M)")
+    s.add_argument("--out", default="outputs/samples")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("erase", help="train an erasure patch")
+    _add_model_args(e)
+    e.add_argument("--concept", action="append", default=[], help="repeatable: several concepts in one run")
+    e.add_argument("--anchor", action="append", default=[], help="one per --concept")
+    e.add_argument("--kind", default="toy", help="object, style, nudity, or toy")
+    e.add_argument("--pairs", default=None, help="a .json/.csv/.txt file of pairs, or 'unsafe => safe; ...'")
+    e.add_argument("--preserve", action="append", default=[], help="preservation prompt (repeatable)")
+    e.add_argument("--out", required=True, help="patch file to write (.safetensors)")
+    e.add_argument("--seed", type=int, default=None)
+    for name, typ in (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
+                      ("preservation_weight", float), ("teacher_cfg", float)):
+        e.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    e.set_defaults(func=cmd_erase)
+
+    v = sub.add_parser("evaluate", help="erasure report on the toy world (oracle-judged)")
+    _add_model_args(v)
+    _add_sampler_args(v)
+    v.add_argument("--concept", action="append", default=[])
+    v.add_argument("--seeds", type=int, default=4)
+    v.add_argument("--json", default=None, help="write the report here")
+    v.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("inspect", help="what a model file is, or why it cannot be used")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_inspect)
+
+    args = p.parse_args(argv)
+    from .erasure.patches import PatchError
+    from .models.loading import ModelLoadError
+
+    try:
+        args.func(args)
+    except (ValueError, ModelLoadError, PatchError, FileNotFoundError) as e:
+        # Expected user errors: one clear line, no traceback.
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

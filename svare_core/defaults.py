@@ -1,0 +1,31 @@
+"""Default settings per model family, in one place (CLI, nodes and scripts read them from here).
+
+Infinity's values are the authors' (sampling: cfg 4, tau 0.5, top-p 0.97 for 2B; erasure: lr 2.3e-5,
+500 iterations). The toy model's were tuned on the toy world (see README, "Toy world results").
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .erasure.trainer import EraseConfig
+from .pipeline import VARPipeline
+from .sampling import SamplerSettings
+
+TOY_SAMPLER = SamplerSettings(cfg=3.0, tau=1.0, top_k=0, top_p=0.0)
+INFINITY_SAMPLER = SamplerSettings(cfg=4.0, tau=0.5, top_k=0, top_p=0.97)
+
+TOY_ERASE = EraseConfig(steps=100, lr=2e-4, teacher_cfg=3.0, aux_samples=2, pairs_per_step=4)
+INFINITY_ERASE = EraseConfig(steps=500, lr=2.3e-5, teacher_cfg=4.0, aux_samples=1, pairs_per_step=2,
+                             trainable="lora", lora_rank=4, precision="bf16", gradient_checkpointing=True)
+
+
+def is_toy(pipe: VARPipeline) -> bool:
+    return pipe.name == "toyworld" or bool(pipe.scales) and pipe.scales[-1] == (8, 8)
+
+
+def sampler_defaults(pipe: VARPipeline) -> SamplerSettings:
+    return replace(TOY_SAMPLER if is_toy(pipe) else INFINITY_SAMPLER)
+
+
+def erase_defaults(pipe: VARPipeline) -> EraseConfig:
+    return replace(TOY_ERASE if is_toy(pipe) else INFINITY_ERASE)

@@ -1,0 +1,180 @@
+"""Measure an erasure: is the concept gone, and is everything else as it was?
+
+On the toy world the oracle knows what every image shows, so each number is exact bookkeeping:
+- erasure rate: share of images, for prompts asking for the concept, where the concept is absent
+- preservation: oracle accuracy on the other prompted attributes (concept prompts) and on every
+  prompted attribute (unrelated prompts), erased model / base model
+- distribution shift: Frechet distance between base and erased images' oracle features on
+  unrelated prompts
+- diversity: mean pairwise pixel distance between seeds of one prompt, erased / base
+- robustness: the erasure rate on prompts that paraphrase the concept (synonyms never trained on)
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..pipeline import VARPipeline
+from ..sampling import SamplerSettings, generate
+from ..toyworld import world
+from ..toyworld.oracle import Oracle, attribute_of
+from .pairs import _mentions
+
+
+@dataclass
+class PromptSpec:
+    prompt: str
+    wanted: dict[str, str]            # attribute -> value the prompt asks for
+
+
+def _spec(**wanted) -> PromptSpec:
+    return PromptSpec(world.full_caption(**wanted), dict(wanted))
+
+
+def concept_prompts(concept: str) -> list[PromptSpec]:
+    """Prompts that ask for the concept, alone and with each value of one other attribute."""
+    attr = attribute_of(concept)
+    specs = [_spec(**{attr: concept})]
+    for other in ("shape", "colour", "style"):
+        if other != attr:
+            specs += [_spec(**{attr: concept, other: v}) for v in world.VALUES[other]]
+    return specs
+
+
+def paraphrase_prompts(concept: str) -> list[PromptSpec]:
+    """Concept prompts with the concept named by a synonym; synonyms that contain the word itself
+    ("five-pointed star", "love heart") are left out: they would not test robustness."""
+    attr = attribute_of(concept)
+    synonyms = [i for i, s in enumerate(world.SYNONYMS[concept]) if not _mentions(s, concept)]
+    out = []
+    for spec in concept_prompts(concept):
+        for i in synonyms:
+            out.append(PromptSpec(world.paraphrase_caption(**spec.wanted, attribute=attr, synonym_index=i), spec.wanted))
+    return out
+
+
+def unrelated_prompts(concepts: list[str]) -> list[PromptSpec]:
+    """Prompts naming none of the concepts: pairs of (shape, colour) plus style-only prompts."""
+    banned = set(concepts)
+    specs = [_spec(shape=s, colour=c) for s, c in itertools.product(world.SHAPES, world.COLOURS)
+             if s not in banned and c not in banned]
+    specs += [_spec(style=s) for s in world.STYLES if s not in banned]
+    return specs
+
+
+def _generate(pipe: VARPipeline, specs: list[PromptSpec], seeds: int, settings: SamplerSettings, seed: int,
+              batch: int = 64) -> np.ndarray:
+    prompts = [s.prompt for s in specs for _ in range(seeds)]
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        # One seed per (prompt, sample): the same seeds for base and erased models.
+        res = generate(pipe, chunk, seed=seed + i, settings=settings)
+        out.append((res.images.numpy() * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def _accuracy(readings: list[dict], specs: list[PromptSpec], seeds: int, skip: str | None = None) -> float:
+    hits = total = 0
+    for k, r in enumerate(readings):
+        for attr, value in specs[k // seeds].wanted.items():
+            if attr == skip:
+                continue
+            hits += r[attr] == value
+            total += 1
+    return hits / max(total, 1)
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False) + 1e-6 * np.eye(a.shape[1]), np.cov(b, rowvar=False) + 1e-6 * np.eye(a.shape[1])
+    # trace of sqrt(ca cb) via the eigenvalues of the (similar, PSD) matrix sqrt(ca) cb sqrt(ca)
+    w, v = np.linalg.eigh(ca)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = np.linalg.eigvalsh(sqrt_a @ cb @ sqrt_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def _features(oracle: Oracle, images: np.ndarray) -> np.ndarray:
+    scores = oracle.scores(images)
+    return np.concatenate([scores[a] for a in world.ATTRIBUTES], axis=1)
+
+
+def _diversity(images: np.ndarray, seeds: int) -> float | None:
+    if seeds < 2:
+        return None                      # one sample per prompt: nothing to compare (not NaN: reports are JSON)
+    x = images.reshape(-1, seeds, images[0].size).astype(np.float32) / 255
+    d = [np.abs(x[:, i] - x[:, j]).mean() for i, j in itertools.combinations(range(seeds), 2)]
+    return float(np.mean(d))
+
+
+def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *, seeds: int = 4, seed: int = 1000,
+                 settings: SamplerSettings | None = None) -> dict:
+    """The erasure report for toy-world concepts (see the module docstring)."""
+    settings = settings or SamplerSettings()
+    oracle = Oracle()
+    report = {"concepts": {}, "settings": {"seeds_per_prompt": seeds, "cfg": settings.cfg, "tau": settings.tau,
+                                           "top_p": settings.top_p}}
+    unrelated = unrelated_prompts(concepts)
+    base_u, erased_u = _generate(base, unrelated, seeds, settings, seed), _generate(erased, unrelated, seeds, settings, seed)
+    read_bu, read_eu = oracle.read(base_u), oracle.read(erased_u)
+    acc_bu, acc_eu = _accuracy(read_bu, unrelated, seeds), _accuracy(read_eu, unrelated, seeds)
+    shared = {
+        "unrelated_accuracy_base": acc_bu, "unrelated_accuracy_erased": acc_eu,
+        "preservation_unrelated": acc_eu / max(acc_bu, 1e-9),
+        "frechet_oracle_features": _frechet(_features(oracle, base_u), _features(oracle, erased_u)),
+        "diversity_base": _diversity(base_u, seeds), "diversity_erased": _diversity(erased_u, seeds),
+        "num_unrelated_images": int(len(base_u)),
+    }
+    shared["diversity_ratio"] = (shared["diversity_erased"] / max(shared["diversity_base"], 1e-9)
+                                 if seeds > 1 else None)
+    report["unrelated"] = shared
+    for concept in concepts:
+        attr = attribute_of(concept)
+        specs, para = concept_prompts(concept), paraphrase_prompts(concept)
+        base_c, erased_c = _generate(base, specs, seeds, settings, seed), _generate(erased, specs, seeds, settings, seed)
+        erased_p = _generate(erased, para, max(1, seeds // 2), settings, seed)
+        base_p = _generate(base, para, max(1, seeds // 2), settings, seed)
+        rb, re_, rp, rbp = oracle.read(base_c), oracle.read(erased_c), oracle.read(erased_p), oracle.read(base_p)
+        absent = lambda rs: float(np.mean([r[attr] != concept for r in rs]))  # noqa: E731
+        acc_b, acc_e = _accuracy(rb, specs, seeds, skip=attr), _accuracy(re_, specs, seeds, skip=attr)
+        # Collateral: does the concept's own attribute now fail on unrelated prompts that name it?
+        report["concepts"][concept] = {
+            "attribute": attr,
+            "erasure_rate": absent(re_), "base_absent_rate": absent(rb),
+            "paraphrase_erasure_rate": absent(rp), "paraphrase_base_absent_rate": absent(rbp),
+            "other_attributes_accuracy_base": acc_b, "other_attributes_accuracy_erased": acc_e,
+            "preservation_on_concept_prompts": acc_e / max(acc_b, 1e-9),
+            "drawn_instead": _histogram([r[attr] for r in re_]),
+            "num_images": int(len(erased_c)), "num_paraphrase_images": int(len(erased_p)),
+        }
+    return report
+
+
+def _histogram(values: list[str]) -> dict[str, float]:
+    vals, counts = np.unique(values, return_counts=True)
+    return {str(v): round(float(c) / len(values), 3) for v, c in zip(vals, counts)}
+
+
+def quality_toy(pipe: VARPipeline, *, held_out: bool = False, seeds: int = 4, seed: int = 0,
+                settings: SamplerSettings | None = None, max_prompts: int | None = None) -> dict:
+    """Oracle accuracy per attribute on fully specified prompts (seen or held-out combos)."""
+    settings = settings or SamplerSettings()
+    combos = [c for c in itertools.product(world.SHAPES, world.COLOURS, world.STYLES)
+              if (c in world.HELD_OUT_COMBOS) == held_out]
+    if max_prompts:
+        rng = np.random.default_rng(seed)
+        combos = [combos[i] for i in rng.choice(len(combos), size=min(max_prompts, len(combos)), replace=False)]
+    specs = [_spec(shape=s, colour=c, style=st) for s, c, st in combos]
+    images = _generate(pipe, specs, seeds, settings, seed)
+    readings = Oracle().read(images)
+    out = {a: float(np.mean([r[a] == specs[k // seeds].wanted[a] for k, r in enumerate(readings)]))
+           for a in ("shape", "colour", "style")}
+    out["all_three"] = float(np.mean([all(r[a] == specs[k // seeds].wanted[a] for a in ("shape", "colour", "style"))
+                                      for k, r in enumerate(readings)]))
+    out["diversity"] = _diversity(images, seeds) if seeds > 1 else None
+    out["num_images"] = int(len(images))
+    out["num_prompts"] = len(specs)
+    return out

@@ -1,0 +1,172 @@
+"""Prompt pairs: template expansion, parsing, files, and the checks that refuse pairs that cannot teach erasure."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+
+import pytest
+
+from svare_core.erasure import PromptPair, expand_concept, load_pairs, parse_pairs, validate_pairs
+from svare_core.erasure.pairs import TEMPLATES
+from svare_core.toyworld import world
+
+
+def words(prompt: str) -> set[str]:
+    return set(re.findall(r"[\w-]+", prompt.lower()))
+
+
+# -- expansion from templates --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind, concept, anchor", [("object", "apple", "pear"),
+                                                    ("style", "Van Gogh", "Monet"),
+                                                    ("nudity", "nude", "dressed")])
+def test_expand_template_kinds(kind, concept, anchor):
+    pairs = expand_concept(concept, anchor, kind)
+    assert len(pairs) == len(TEMPLATES[kind]) >= 6
+    assert len({p.unsafe for p in pairs}) == len(pairs), "templates give distinct prompts"
+    for p in pairs:
+        assert p.concept == concept
+        assert concept in p.unsafe and concept not in p.safe and anchor in p.safe
+        assert p.unsafe.replace(concept, anchor) == p.safe, "the pair differs only in the concept"
+    assert validate_pairs(pairs) == pairs
+
+
+def test_expand_default_anchors_and_whitespace():
+    nude = expand_concept("nude", None, "nudity")
+    assert all("dressed" in p.safe and "nude" not in p.safe for p in nude)
+    style = expand_concept("  Van Gogh ", None, "style")
+    assert all(p.concept == "Van Gogh" and "a generic artist" in p.safe for p in style)
+    with pytest.raises(ValueError, match="anchor"):
+        expand_concept("apple", None, "object")      # objects have no default anchor
+
+
+def test_expand_toy_red_to_blue():
+    pairs = expand_concept("red", "blue", "toy")
+    # the concept alone, with every shape, with every style
+    assert len(pairs) == 1 + len(world.SHAPES) + len(world.STYLES)
+    assert len(set(pairs)) == len(pairs)
+    for p in pairs:
+        assert p.concept == "red"
+        assert "red" in words(p.unsafe) and "blue" not in words(p.unsafe)
+        assert "blue" in words(p.safe) and "red" not in words(p.safe)
+        # otherwise identical, word for word
+        assert p.unsafe.split() == [("red" if w == "blue" else w) for w in p.safe.split()]
+    mentioned = set().union(*(words(p.unsafe) for p in pairs))
+    assert set(world.SHAPES) <= mentioned and set(world.STYLES) <= mentioned
+    assert validate_pairs(pairs) == pairs
+
+
+def test_expand_toy_shape_concept():
+    pairs = expand_concept("star", "circle", "toy")
+    assert len(pairs) == 1 + len(world.COLOURS) + len(world.STYLES)
+    for p in pairs:
+        assert p.safe == p.unsafe.replace("star", "circle")
+        assert "star" in words(p.unsafe)
+
+
+def test_expand_errors():
+    with pytest.raises(ValueError, match="empty"):
+        expand_concept("", "blue", "toy")
+    with pytest.raises(ValueError, match="empty"):
+        expand_concept("   ", "blue", "object")
+    with pytest.raises(ValueError, match="concept itself"):
+        expand_concept("Red", "red", "object")        # case-insensitive
+    with pytest.raises(ValueError, match="unknown kind 'painting'"):
+        expand_concept("apple", "pear", "painting")
+    with pytest.raises(ValueError, match="not a toy-world value"):
+        expand_concept("banana", "blue", "toy")
+    with pytest.raises(ValueError, match="another colour"):
+        expand_concept("red", "circle", "toy")         # the anchor must be of the same attribute
+    with pytest.raises(ValueError, match="another colour"):
+        expand_concept("red", "crimson", "toy")
+
+
+# -- explicit pairs ------------------------------------------------------------------------------------
+def test_parse_pairs_lines_comments_and_blank_lines():
+    text = """
+    # a comment
+    a red star => a blue star
+
+      a red circle=>a blue circle   
+    # a => b in a comment is skipped too
+    a => b => c
+    """
+    pairs = parse_pairs(text, "red")
+    assert pairs == [PromptPair("a red star", "a blue star", "red"), PromptPair("a red circle", "a blue circle", "red"),
+                     PromptPair("a", "b => c", "red")]
+    assert parse_pairs("x => y")[0].concept == ""
+
+
+def test_parse_pairs_errors():
+    with pytest.raises(ValueError, match=r"line 3: 'a red star - a blue star' has no '=>'"):
+        parse_pairs("# pairs\na => b\na red star - a blue star\n")
+    with pytest.raises(ValueError, match="non-empty"):
+        parse_pairs("a red star =>   ")
+    with pytest.raises(ValueError, match="non-empty"):
+        PromptPair(" ", "a blue star")
+
+
+def test_load_pairs_json_dicts_and_lists(tmp_path):
+    dicts = tmp_path / "pairs.json"
+    dicts.write_text(json.dumps([{"unsafe": "a red star", "safe": "a blue star"},
+                                 {"unsafe": "a star by Van Gogh", "safe": "a star", "concept": "Van Gogh"}]))
+    got = load_pairs(dicts, "red")
+    assert got == [PromptPair("a red star", "a blue star", "red"), PromptPair("a star by Van Gogh", "a star", "Van Gogh")]
+    lists = tmp_path / "lists.json"
+    lists.write_text(json.dumps([["a red star", "a blue star"], ["a red heart", "a blue heart"]]))
+    assert load_pairs(lists) == [PromptPair("a red star", "a blue star"), PromptPair("a red heart", "a blue heart")]
+
+
+def test_load_pairs_csv_with_and_without_header(tmp_path):
+    expected = [PromptPair("a red star, large", "a blue star, large", "red"), PromptPair("a red heart", "a blue heart", "red")]
+    with_header = tmp_path / "h.csv"
+    with_header.write_text('unsafe,safe\n"a red star, large","a blue star, large"\n# skipped\n a red heart , a blue heart\n\n')
+    assert load_pairs(with_header, "red") == expected
+    without = tmp_path / "n.csv"
+    without.write_text('"a red star, large","a blue star, large"\na red heart,a blue heart\n')
+    assert load_pairs(without, "red") == expected
+    capital = tmp_path / "c.csv"
+    capital.write_text("Unsafe, Safe\na red heart,a blue heart\n")
+    assert load_pairs(capital) == [PromptPair("a red heart", "a blue heart")]
+
+
+def test_load_pairs_text_file(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("# erase red\na red star => a blue star\n\na red heart => a blue heart\n")
+    assert load_pairs(path, "red") == [PromptPair("a red star", "a blue star", "red"),
+                                       PromptPair("a red heart", "a blue heart", "red")]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red star, a blue star\n")
+    with pytest.raises(ValueError, match="line 1"):
+        load_pairs(bad)
+
+
+# -- validation ----------------------------------------------------------------------------------------
+def test_validate_refuses_unsafe_prompt_without_the_concept():
+    with pytest.raises(ValueError, match="does not mention the concept 'red'"):
+        validate_pairs([PromptPair("a red star", "a blue star", "red"), PromptPair("a green star", "a blue star", "red")])
+    # whole words only: "redwood" does not name "red"
+    with pytest.raises(ValueError, match="does not mention"):
+        validate_pairs([PromptPair("a redwood tree", "a pine tree", "red")])
+    # case-insensitive, multi-word concepts
+    assert len(validate_pairs([PromptPair("A city by VAN GOGH", "a city", "Van Gogh")])) == 1
+    # pairs without a concept are not checked for it
+    assert len(validate_pairs([PromptPair("a green star", "a blue star")])) == 1
+
+
+def test_validate_refuses_identical_prompts_and_empty_lists():
+    with pytest.raises(ValueError, match="same prompt twice"):
+        validate_pairs([PromptPair("a red star", " A Red Star ", "red")])
+    with pytest.raises(ValueError, match="no prompt pairs"):
+        validate_pairs([])
+
+
+def test_validate_drops_duplicates_with_a_warning():
+    pairs = [PromptPair("a red star", "a blue star", "red"), PromptPair("a red heart", "a blue heart", "red"),
+             PromptPair("A red star ", "a BLUE star", "red")]
+    with pytest.warns(UserWarning, match="duplicate pair"):
+        got = validate_pairs(pairs)
+    assert got == pairs[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validate_pairs(pairs[:2]) == pairs[:2]   # no warning without duplicates

@@ -1,0 +1,384 @@
+"""The erasure trainer on a tiny real model: methods, trainable sets, the patch it returns, guards, caching,
+determinism, and a behaviour check that S-VARE erases while keeping the safe prompt's behaviour."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import svare_core
+from svare_core.erasure import EraseConfig, apply_patch, erase, expand_concept, losses, trainer
+from svare_core.erasure import tokens as tokens_module
+from svare_core.erasure.tokens import auxiliary_tokens
+from svare_core.erasure.trainable import DENSE_SETS, LORA_TARGETS
+from svare_core.models.infinity import Infinity
+from svare_core.models.vae import BSQVAE
+from svare_core.pipeline import VARPipeline
+from svare_core.sampling import SamplerSettings, generate
+
+from conftest import TINY_SCALES, randomise, tiny_transformer_config, tiny_vae_config
+
+PAIRS = expand_concept("red", "blue", "toy")[:2]           # a red shape -> a blue shape, a red circle -> a blue circle
+L = sum(h * w for h, w in TINY_SCALES)
+PROBE_PROMPTS = ["a red star", "a green heart"]
+PROBE_X = torch.randn(2, L - 1, 8, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: one thread is faster than two fighting over 2 shared cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(pipe, pairs=PAIRS, **kw):
+    kw = {"steps": 2, "lr": 1e-3, **kw}
+    return erase(pipe, pairs, EraseConfig(**kw))
+
+
+def state_copy(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} changed"
+
+
+@pytest.fixture()
+def spy(monkeypatch):
+    """What the trainer trained, captured just before it turns the student into a patch."""
+    seen = {}
+    original = trainer._make_patch
+
+    def make_patch(pipe, frozen, student, params, lora, *args, **kw):
+        with torch.no_grad():
+            cond = student.encode_text(*pipe.encode_prompts(PROBE_PROMPTS))
+            seen["logits"] = student(cond, PROBE_X, TINY_SCALES)
+            seen["params"] = {n: p.detach().clone() for n, p in params.items()}
+            seen["base"] = {n: p.detach().clone() for n, p in frozen.named_parameters()}
+        return original(pipe, frozen, student, params, lora, *args, **kw)
+
+    monkeypatch.setattr(trainer, "_make_patch", make_patch)
+    return seen
+
+
+def probe_logits(pipe) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.transformer(pipe.condition(PROBE_PROMPTS), PROBE_X, TINY_SCALES)
+
+
+# -- methods and trainable sets ------------------------------------------------------------------------
+@pytest.mark.parametrize("method, keys", [("svare", {"erase", "preserve", "kept_tokens"}),
+                                          ("vare", {"erase"}), ("esd", {"esd"})])
+def test_methods_train_the_dense_xattn_ffn_set(tiny_pipeline, spy, method, keys):
+    before = state_copy(tiny_pipeline.transformer)
+    steps = []
+    res = erase(tiny_pipeline, PAIRS, EraseConfig(method=method, steps=3, lr=1e-3), callback=steps.append)
+    patch = res.patch
+
+    expected = {n for n, _ in tiny_pipeline.transformer.named_parameters() if re.match(DENSE_SETS["xattn_ffn"], n)}
+    assert expected and set(patch.tensors) == expected == set(spy["params"])
+    for name, delta in patch.tensors.items():
+        assert re.match(r"block_chunks\.\d+\.module\.\d+\.(ca|ffn)\.", name)
+        assert ".sa." not in name and "ada" not in name and not name.startswith(("head", "word_embed"))
+        assert delta.shape == before[name].shape and delta.dtype == torch.float32
+        # exactly the trained tensor minus the base tensor
+        assert torch.equal(delta, spy["params"][name] - spy["base"][name])
+        assert delta.abs().max() > 0, f"{name} did not train"
+    # the patch turns the base into the trained model
+    torch.testing.assert_close(probe_logits(apply_patch(tiny_pipeline, patch)), spy["logits"], rtol=0, atol=1e-5)
+    assert not torch.allclose(probe_logits(tiny_pipeline), spy["logits"])
+
+    assert [s.step for s in steps] == [1, 2, 3] and all(s.total == 3 for s in steps)
+    assert [set(h) - {"step"} for h in res.history] == [keys] * 3
+    assert all(math.isfinite(v) for h in res.history for v in h.values())
+    meta = patch.meta
+    assert meta["method"] == method and meta["steps"] == 3 and meta["concepts"] == ["red"]
+    assert meta["base_fingerprint"] == tiny_pipeline.base_fingerprint and meta["lora_scale"] == 1.0
+    assert meta["pairs"] == [[p.unsafe, p.safe] for p in PAIRS]
+    assert meta["scales"] == [list(s) for s in TINY_SCALES]
+    assert meta["hyperparameters"]["lr"] == 1e-3
+    assert_same_state(before, tiny_pipeline.transformer.state_dict())
+
+
+def test_lora_rank_2_patch_holds_only_the_factors(tiny_pipeline, spy):
+    before = state_copy(tiny_pipeline.transformer)
+    patch = run(tiny_pipeline, trainable="lora", lora_rank=2, steps=3).patch
+    targets = {f"{n}.weight" for n, m in tiny_pipeline.transformer.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("block_chunks.") and n.endswith(LORA_TARGETS["attn"])}
+    assert len(targets) == 2 * len(LORA_TARGETS["attn"])          # 2 blocks
+    assert set(patch.tensors) == {t + s for t in targets for s in (".lora_A", ".lora_B")} == set(spy["params"])
+    for t in targets:
+        A, B = patch.tensors[t + ".lora_A"], patch.tensors[t + ".lora_B"]
+        out_f, in_f = before[t].shape
+        assert A.shape == (2, in_f) and B.shape == (out_f, 2)
+        assert torch.equal(A, spy["params"][t + ".lora_A"]) and torch.equal(B, spy["params"][t + ".lora_B"])
+        assert B.abs().max() > 0, "B starts at zero and must have trained"
+    assert patch.meta["lora_scale"] == 1.0                        # alpha = rank
+    assert set(patch.deltas()) == targets
+    torch.testing.assert_close(probe_logits(apply_patch(tiny_pipeline, patch)), spy["logits"], rtol=0, atol=1e-5)
+    assert_same_state(before, tiny_pipeline.transformer.state_dict())
+    # the original modules were never parametrised
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in tiny_pipeline.transformer.modules())
+
+
+def test_lora_targets_pick_the_layers(tiny_pipeline):
+    patch = run(tiny_pipeline, trainable="lora", lora_rank=1, lora_targets="xattn_out").patch
+    assert {n.rsplit(".", 2)[0] for n in patch.tensors} == {"block_chunks.0.module.0.ca.proj", "block_chunks.1.module.0.ca.proj"}
+
+
+def test_supervised_scales_first(tiny_pipeline):
+    res = run(tiny_pipeline, supervised_scales="first", steps=3)
+    # 2 pairs a step, one token at scale 0 each: the kept share is 0, 1/2 or 1
+    assert all(h["kept_tokens"] in (0.0, 0.5, 1.0) for h in res.history)
+    assert any(d.abs().max() > 0 for d in res.patch.tensors.values())
+    assert res.patch.meta["hyperparameters"]["supervised_scales"] == "first"
+
+
+def test_erase_works_under_inference_mode(text_encoder):
+    # ComfyUI loads models and runs every node under torch.inference_mode().
+    with torch.inference_mode():
+        transformer = randomise(Infinity(tiny_transformer_config())).eval()
+        vae = randomise(BSQVAE(tiny_vae_config()), seed=1).eval()
+        pipe = VARPipeline(transformer, vae, text_encoder, name="tiny", scales=list(TINY_SCALES))
+        assert next(pipe.transformer.parameters()).is_inference()
+        generate(pipe, [p.unsafe for p in PAIRS] + [p.safe for p in PAIRS])   # prompts cached under inference mode
+        for kw in ({}, {"trainable": "lora", "lora_rank": 2}):
+            patch = run(pipe, **kw).patch
+            assert all(not t.is_inference() for t in patch.tensors.values())
+            assert any(t.abs().max() > 0 for t in patch.tensors.values())
+            erased = apply_patch(pipe, patch)
+            assert generate(erased, ["a red star"]).images.shape == (1, 8, 8, 3)
+
+
+# -- the iteration ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, weight, calls, keys", [("svare", 0.5, 6, {"erase", "preserve", "kept_tokens"}),
+                                                         ("svare", 0.0, 3, {"erase", "kept_tokens"}),
+                                                         ("vare", 0.5, 3, {"erase"})])
+def test_svare_steps_twice_per_iteration(tiny_pipeline, monkeypatch, method, weight, calls, keys):
+    seen = []
+    original = trainer._optimizer_step
+
+    def counted(loss, params, opt, cfg):
+        seen.append(loss.detach().clone())
+        return original(loss, params, opt, cfg)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", counted)
+    res = run(tiny_pipeline, method=method, steps=3, preservation_weight=weight)
+    assert len(seen) == calls
+    assert all(set(h) - {"step"} == keys for h in res.history)
+    if calls == 6:   # erase, preserve, erase, preserve, ...: separate backward + step each
+        assert [h["erase"] for h in res.history] == pytest.approx([s.item() for s in seen[0::2]])
+        assert [h["preserve"] for h in res.history] == pytest.approx([s.item() for s in seen[1::2]])
+
+
+def test_preservation_uses_the_preserve_prompts(tiny_pipeline, monkeypatch):
+    asked = []
+    original = tokens_module.generate
+
+    def recording(pipe, prompts, **kw):
+        asked.extend(prompts)
+        return original(pipe, prompts, **kw)
+
+    monkeypatch.setattr(tokens_module, "generate", recording)
+    res = erase(tiny_pipeline, PAIRS, EraseConfig(steps=2, lr=1e-3), preserve_prompts=["a green heart", "a green heart"])
+    assert sorted(asked) == sorted([p.safe for p in PAIRS] + ["a green heart"])
+    assert res.patch.meta["preserve_prompts"] == ["a green heart"]
+
+
+def test_callback_cancel_stops_training(tiny_pipeline):
+    seen = []
+
+    def cb(step):
+        seen.append(step.step)
+        if step.step == 2:
+            raise svare_core.Cancelled("stop")
+
+    with pytest.raises(svare_core.Cancelled):
+        erase(tiny_pipeline, PAIRS, EraseConfig(steps=50, lr=1e-3), callback=cb)
+    assert seen == [1, 2]
+
+
+def nan_filtered_ce(logits, labels, **kw):
+    return logits.sum() * float("nan"), 1.0
+
+
+def test_nan_guard_gives_up_with_advice(tiny_pipeline, monkeypatch):
+    monkeypatch.setattr(losses, "filtered_ce", nan_filtered_ce)
+    seen = []
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row.*lower the learning rate \(now 0.001\)"):
+        erase(tiny_pipeline, PAIRS, EraseConfig(steps=20, lr=1e-3, max_bad_steps=3, preservation_weight=0),
+              callback=seen.append)
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("bad_loss", ["nan_loss", "nan_gradient"])
+def test_non_finite_steps_change_nothing(tiny_pipeline, monkeypatch, bad_loss):
+    def nan_gradient(logits, labels, **kw):
+        # a finite loss (0) whose gradient is not: d sqrt(x)/dx at 0 is inf, times 0 -> nan
+        return torch.sqrt(logits.sum() * 0), 1.0
+
+    monkeypatch.setattr(losses, "filtered_ce", nan_filtered_ce if bad_loss == "nan_loss" else nan_gradient)
+    res = run(tiny_pipeline, steps=3, max_bad_steps=10, preservation_weight=0)
+    assert len(res.history) == 3
+    assert all(torch.count_nonzero(t) == 0 for t in res.patch.tensors.values()), "a non-finite step moved weights"
+
+
+def test_an_occasional_bad_step_is_skipped_not_fatal(tiny_pipeline, monkeypatch):
+    original, calls = losses.filtered_ce, []
+
+    def every_other(logits, labels, **kw):
+        calls.append(1)
+        return nan_filtered_ce(logits, labels) if len(calls) % 2 else original(logits, labels, **kw)
+
+    monkeypatch.setattr(losses, "filtered_ce", every_other)
+    res = run(tiny_pipeline, steps=4, max_bad_steps=2, preservation_weight=0)
+    erase_losses = [h["erase"] for h in res.history]
+    assert math.isnan(erase_losses[0]) and math.isfinite(erase_losses[1])
+    assert any(t.abs().max() > 0 for t in res.patch.tensors.values())
+
+
+# -- several concepts, caching, determinism, configuration ---------------------------------------------
+def test_several_concepts_in_one_run(tiny_pipeline):
+    pairs = PAIRS + expand_concept("circle", "square", "toy")[:2]
+    patch = run(tiny_pipeline, pairs=pairs, pairs_per_step=4).patch
+    assert patch.concepts == ["circle", "red"]
+    assert len(patch.meta["pairs"]) == 4
+
+
+def test_aux_token_cache(tiny_pipeline, tmp_path, monkeypatch):
+    cache = tmp_path / "aux"
+    first = run(tiny_pipeline, cache_dir=str(cache))
+    files = set(cache.glob("*.safetensors"))
+    assert len(files) == len(PAIRS)                       # one per (safe prompt, seed)
+    assert not list(cache.glob("*.tmp"))
+    cached = auxiliary_tokens(tiny_pipeline, [PAIRS[0].safe], seeds=[0], cache_dir=cache, scales=TINY_SCALES,
+                              settings=SamplerSettings(cfg=4.0, tau=1.0, top_p=0.97))[PAIRS[0].safe]
+    assert cached.bits.shape == (1, L, 8) and cached.inputs.shape == (1, L - 1, 8)
+
+    def no_generation(*a, **kw):
+        raise AssertionError("the auxiliary tokens should have come from the cache")
+
+    monkeypatch.setattr(tokens_module, "generate", no_generation)
+    second = run(tiny_pipeline, cache_dir=str(cache))
+    for k in first.patch.tensors:
+        assert torch.equal(first.patch.tensors[k], second.patch.tensors[k]), "cached tokens differ from generated ones"
+    # keyed by seed, prompt and sampler settings: these need new images
+    for kw in ({"seed": 1}, {"teacher_cfg": 2.0}):
+        with pytest.raises(AssertionError, match="cache"):
+            run(tiny_pipeline, cache_dir=str(cache), **kw)
+    with pytest.raises(AssertionError, match="cache"):
+        run(tiny_pipeline, pairs=[expand_concept("red", "green", "toy")[0]], cache_dir=str(cache))
+    monkeypatch.undo()
+    run(tiny_pipeline, cache_dir=str(cache), seed=1)
+    run(tiny_pipeline, pairs=[expand_concept("red", "green", "toy")[0]], cache_dir=str(cache))
+    assert len(set(cache.glob("*.safetensors")) - files) == len(PAIRS) + 1
+    # a different model (another fingerprint) does not reuse them either
+    other = tiny_pipeline.with_transformer(randomise(Infinity(tiny_transformer_config()), seed=9).eval())
+    other.base_fingerprint = other.fingerprint()
+    n = len(list(cache.glob("*.safetensors")))
+    run(other, cache_dir=str(cache))
+    assert len(list(cache.glob("*.safetensors"))) == n + len(PAIRS)
+
+
+@pytest.mark.parametrize("kw", [{}, {"trainable": "lora", "lora_rank": 2}, {"method": "esd"}])
+def test_training_is_deterministic(tiny_pipeline, kw):
+    a, b, c = run(tiny_pipeline, **kw).patch, run(tiny_pipeline, **kw).patch, run(tiny_pipeline, seed=3, **kw).patch
+    assert a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert not all(torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
+
+
+def test_gradient_checkpointing_is_used_and_exact(tiny_pipeline, monkeypatch):
+    plain = run(tiny_pipeline).patch
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counted)
+    ckpt = run(tiny_pipeline, gradient_checkpointing=True).patch
+    assert len(calls) == 2 * 2 * 2, "2 blocks x (erase + preserve pass) x 2 steps"
+    for k in plain.tensors:
+        torch.testing.assert_close(ckpt.tensors[k], plain.tensors[k], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw, match", [({"method": "uce"}, "unknown method 'uce'"),
+                                       ({"supervised_scales": "last"}, "supervised_scales"),
+                                       ({"steps": 0}, "positive"), ({"lr": 0.0}, "positive"),
+                                       ({"pairs_per_step": 0}, "positive"), ({"precision": "fp8"}, "precision")])
+def test_config_validation(tiny_pipeline, monkeypatch, kw, match):
+    with pytest.raises(ValueError, match=match):
+        EraseConfig(**kw).validate()
+    monkeypatch.setattr(tokens_module, "generate", lambda *a, **k: pytest.fail("validated too late"))
+    with pytest.raises(ValueError, match=match):
+        erase(tiny_pipeline, PAIRS, EraseConfig(**kw))
+    EraseConfig().validate()
+
+
+@pytest.mark.parametrize("kw, match", [({"trainable": "everything"}, "unknown trainable set"),
+                                       ({"trainable": "lora", "lora_targets": "mlp"}, "unknown LoRA targets"),
+                                       ({"trainable": "lora", "lora_rank": 0}, "rank")])
+def test_bad_trainable_sets(tiny_pipeline, monkeypatch, kw, match):
+    with pytest.raises(ValueError, match=match):
+        EraseConfig(**kw).validate()
+    # refused before the (slow, on a real model) auxiliary-token generation
+    monkeypatch.setattr(tokens_module, "generate", lambda *a, **k: pytest.fail("validated too late"))
+    with pytest.raises(ValueError, match=match):
+        run(tiny_pipeline, **kw)
+
+
+# -- behaviour: S-VARE erases, and keeps the safe prompt's behaviour -----------------------------------
+def test_svare_erases_the_pair_and_preserves_the_safe_prompt(tiny_pipeline):
+    """After S-VARE, the unsafe prompt draws the auxiliary (safe) bits much more often, while the model on
+    the safe prompt stays at its teacher; naive VARE (no filter, no preservation) lets the safe prompt drift.
+
+    Measured on this model and seed (30 steps, lr 3e-3): filtered CE of the auxiliary bits under the
+    unsafe prompt 0.60 -> 0.26, bit accuracy 0.63 -> 0.79; KL(CFG teacher || model) on the safe prompt
+    0.060 (the base model itself: the conditional/CFG gap) -> 0.009 with S-VARE, 0.118 with VARE; KL to the
+    base model's own conditional on the safe prompt 0.059 (S-VARE, the pull towards its CFG teacher) vs
+    0.146 (VARE). The bounds below leave about 1.5-3x margin."""
+    pipe, scales = tiny_pipeline, TINY_SCALES
+    settings = SamplerSettings(cfg=4.0, tau=1.0, top_p=0.97)      # the trainer's teacher sampling (defaults)
+    aux = auxiliary_tokens(pipe, [p.safe for p in PAIRS], seeds=[0], settings=settings, scales=scales)
+    x = torch.cat([aux[p.safe].inputs for p in PAIRS])
+    y = torch.cat([aux[p.safe].bits for p in PAIRS])
+    unsafe, safe = [p.unsafe for p in PAIRS], [p.safe for p in PAIRS]
+
+    @torch.no_grad()
+    def logits(model, prompts):
+        return model(model.encode_text(*pipe.encode_prompts(prompts)), x, scales)
+
+    teacher = trainer._guided(pipe, pipe.transformer, safe, x, scales, 4.0, 1.0)
+    base_safe = logits(pipe.transformer, safe)
+
+    def measure(model):
+        u = logits(model, unsafe)
+        fce, kept = losses.filtered_ce(u, y)
+        s = logits(model, safe)
+        return {"fce": fce.item(), "kept": kept, "acc": ((u[..., 1] > u[..., 0]).float() == y).float().mean().item(),
+                "kl_teacher": losses.preservation_kl(s, teacher).item(),
+                "kl_base": losses.preservation_kl(s, base_safe).item()}
+
+    before = measure(pipe.transformer)
+    svare = measure(apply_patch(pipe, run(pipe, steps=30, lr=3e-3).patch).transformer)
+    vare = measure(apply_patch(pipe, run(pipe, method="vare", steps=30, lr=3e-3).patch).transformer)
+
+    # erased: the S-VARE erase loss on the pair falls by more than 40% (measured 57%) ...
+    assert svare["fce"] < 0.6 * before["fce"], (before, svare)
+    assert svare["acc"] > before["acc"] + 0.08 and svare["kept"] < before["kept"] - 0.2
+    # ... about as much as naive VARE erases
+    assert svare["fce"] < 1.5 * vare["fce"]
+    # preserved: the safe prompt stays at (here: moves towards) the CFG teacher that L_Pre compares with,
+    assert svare["kl_teacher"] < 0.5 * before["kl_teacher"] and svare["kl_teacher"] < 0.03, (before, svare)
+    # while naive VARE drifts away from it and from the base model
+    assert vare["kl_teacher"] > before["kl_teacher"] and vare["kl_teacher"] > 3 * svare["kl_teacher"], (vare, svare)
+    assert svare["kl_base"] < 0.1 and svare["kl_base"] < 0.6 * vare["kl_base"], (svare, vare)
