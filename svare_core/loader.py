@@ -54,6 +54,13 @@ def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = No
     ``text_encoder`` (a local folder of google/flan-t5-xl). The VAE and text encoder may stay on
     the CPU while the transformer runs on the GPU (``vae_device``, ``text_device``).
     """
+    # Weights made under inference_mode (ComfyUI runs every node in it) could never be fine-tuned
+    # without a full copy; loading outside it keeps erasure able to share them.
+    with torch.inference_mode(False):
+        return _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device)
+
+
+def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device) -> VARPipeline:
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = resolve_model_path(model)
     transformer = load_transformer(path, device=device, dtype=dtype)   # validates the file first

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from svare_core.__main__ import main
 from svare_core.erasure import ErasurePatch
@@ -18,14 +17,6 @@ from svare_core.models.format import save_model
 from conftest import TINY_SCALES
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()

@@ -6,6 +6,8 @@ import math
 import re
 
 import pytest
+import copy
+
 import torch
 
 import svare_core
@@ -24,15 +26,6 @@ PAIRS = expand_concept("red", "blue", "toy")[:2]           # a red shape -> a bl
 L = sum(h * w for h, w in TINY_SCALES)
 PROBE_PROMPTS = ["a red star", "a green heart"]
 PROBE_X = torch.randn(2, L - 1, 8, generator=torch.Generator().manual_seed(5))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is faster than two fighting over 2 shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(pipe, pairs=PAIRS, **kw):
@@ -382,3 +375,27 @@ def test_svare_erases_the_pair_and_preserves_the_safe_prompt(tiny_pipeline):
     # while naive VARE drifts away from it and from the base model
     assert vare["kl_teacher"] > before["kl_teacher"] and vare["kl_teacher"] > 3 * svare["kl_teacher"], (vare, svare)
     assert svare["kl_base"] < 0.1 and svare["kl_base"] < 0.6 * vare["kl_base"], (svare, vare)
+
+
+def test_student_shares_untouched_weights(tiny_pipeline):
+    from svare_core.erasure.trainer import _student_copy
+
+    frozen = tiny_pipeline.transformer
+    student = _student_copy(frozen, EraseConfig(trainable="xattn_ffn"))
+    f, s = frozen.state_dict(), student.state_dict()
+    trained = [k for k, _ in frozen.named_parameters() if k.startswith("block_chunks.") and (".ca." in k or ".ffn." in k)]
+    assert trained and all(s[k].data_ptr() != f[k].data_ptr() for k in trained)
+    assert all(s[k].data_ptr() == f[k].data_ptr() for k in f if k not in trained)
+    lora_student = _student_copy(frozen, EraseConfig(trainable="lora"))
+    assert all(v.data_ptr() == f[k].data_ptr() for k, v in lora_student.state_dict().items())
+
+
+def test_student_copies_inference_tensors(tiny_pipeline):
+    from svare_core.erasure.trainer import _student_copy
+
+    with torch.inference_mode():
+        frozen = copy.deepcopy(tiny_pipeline.transformer)
+        frozen.load_state_dict({k: v.clone() for k, v in frozen.state_dict().items()})
+    assert next(iter(frozen.state_dict().values())).is_inference()
+    student = _student_copy(frozen, EraseConfig(trainable="lora"))
+    assert not any(v.is_inference() for v in student.state_dict().values())

@@ -18,14 +18,6 @@ from svare_core.toyworld import world
 ALL_VALUES = [v for a in ("shape", "colour", "style") for v in world.VALUES[a]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mentions(prompt: str, word: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", prompt) is not None
 

@@ -19,15 +19,6 @@ from svare_core.models.loading import load_transformer
 
 from conftest import TINY_SCALES, randomise, tiny_transformer_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is faster than two fighting over 2 shared cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 KEYS = ["block_chunks.0.module.0.ca.proj.weight", "block_chunks.1.module.0.ffn.fc1.bias",
         "block_chunks.0.module.0.ffn.fc2.weight"]
 

@@ -9,7 +9,6 @@ The result is an ErasurePatch: the deltas of the trained tensors (or LoRA factor
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings
 from . import losses
@@ -113,11 +113,7 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     # Inference-mode tensors cannot be trained (ComfyUI runs nodes under inference_mode).
     with torch.inference_mode(False), torch.enable_grad():
         frozen = pipe.transformer
-        student = copy.deepcopy(frozen).float() if cfg.precision == "fp32" else copy.deepcopy(frozen)
-        # Train mode: the model has no dropout, but Infinity.forward only checkpoints in training mode.
-        student.requires_grad_(False).train()
-        for p in student.parameters():
-            p.data = p.data.clone()
+        student = _student_copy(frozen, cfg)
 
         aux_settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=cfg.teacher_tau, top_p=cfg.aux_top_p)
         seeds = [cfg.seed + i for i in range(cfg.aux_samples)]
@@ -176,6 +172,29 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
 
 
 # -- pieces -------------------------------------------------------------------------------------------
+def _student_copy(frozen: Infinity, cfg: EraseConfig) -> Infinity:
+    """The model to train: its own copy of the trained tensors, the frozen model's for the rest.
+
+    Sharing the untouched tensors keeps a multi-GB model from being held twice. Inference
+    tensors (made under torch.inference_mode) cannot take part in autograd, so those are copied.
+    """
+    trained = set(dense_parameters(frozen, cfg.trainable)) if cfg.trainable != "lora" else set()
+    dtype = torch.float32 if cfg.precision == "fp32" else None
+    state = {}
+    for name, t in frozen.state_dict().items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        elif name in trained or t.is_inference():
+            t = t.clone()
+        state[name] = t
+    with torch.device("meta"):
+        student = Infinity(frozen.cfg)
+    student.load_state_dict(state, assign=True)
+    # Train mode: the model has no dropout, but Infinity.forward only checkpoints in training mode.
+    return student.requires_grad_(False).train()
+
+
 def _trainable(student, cfg: EraseConfig):
     if cfg.trainable == "lora":
         lora = add_lora(student, cfg.lora_targets, cfg.lora_rank)
@@ -247,16 +266,22 @@ def _teacher_targets(pipe, frozen, pairs, preserve_prompts, aux: dict[str, AuxTo
     return out
 
 
-def _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device):
-    prompts = [p.safe for p in batch]
-    if preserve_prompts:
-        prompts += [preserve_prompts[int(torch.randint(len(preserve_prompts), (1,), generator=gen))]]
+def _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, device):
+    """The student's logits on one random auxiliary sample per prompt, and the teacher's for it."""
     idx = [int(torch.randint(len(aux[p]), (1,), generator=gen)) for p in prompts]
     x = torch.stack([aux[p].inputs[i] for p, i in zip(prompts, idx)]).to(device)
     target = torch.stack([teacher[p][i] for p, i in zip(prompts, idx)]).to(device)
     with _autocast(cfg, device):
         logits = student(student.encode_text(*pipe.encode_prompts(prompts)), x, scales,
                          checkpointing=cfg.gradient_checkpointing)
+    return logits, target
+
+
+def _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device):
+    prompts = [p.safe for p in batch]
+    if preserve_prompts:
+        prompts += [preserve_prompts[int(torch.randint(len(preserve_prompts), (1,), generator=gen))]]
+    logits, target = _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, device)
     return cfg.preservation_weight * losses.preservation_kl(logits, target)
 
 
@@ -270,13 +295,7 @@ def _esd_loss(pipe, student, batch, aux, teacher, scales, cfg, gen, device):
         offsets.append(offsets[-1] + h * w)
     for s in chosen:
         mask[offsets[s]:offsets[s + 1]] = 1
-    prompts = [p.unsafe for p in batch]
-    idx = [int(torch.randint(len(aux[p]), (1,), generator=gen)) for p in prompts]
-    x = torch.stack([aux[p].inputs[i] for p, i in zip(prompts, idx)]).to(device)
-    target = torch.stack([teacher[p][i] for p, i in zip(prompts, idx)]).to(device)
-    with _autocast(cfg, device):
-        logits = student(student.encode_text(*pipe.encode_prompts(prompts)), x, scales,
-                         checkpointing=cfg.gradient_checkpointing)
+    logits, target = _student_on_samples(pipe, student, [p.unsafe for p in batch], aux, teacher, scales, cfg, gen, device)
     return losses.esd_loss(logits, target, mask)
 
 

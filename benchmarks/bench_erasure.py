@@ -1,0 +1,96 @@
+"""Erasure on the toy world: S-VARE vs naive VARE vs ESD, one concept at a time and all together.
+
+Each erasure runs as its own `python -m svare_core erase` process, so its wall time and peak
+memory (max RSS of that process) are its own; every patch is then judged by the oracle with
+`evaluate_toy` against the base model (same prompts, same seeds).
+
+    python benchmarks/bench_erasure.py --out docs/erasure_results.json
+    python benchmarks/bench_erasure.py --methods svare --concepts red   # one row
+
+Prints a markdown table (the one in the README) and writes all numbers as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ANCHORS = {"red": "blue", "star": "circle", "striped": "solid"}
+
+
+def run_erase(concepts: list[str], method: str, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "svare_core", "erase", "--model", "toyworld", "--kind", "toy",
+           "--method", method, "--out", str(out)]
+    for c in concepts:
+        cmd += ["--concept", c, "--anchor", ANCHORS[c]]
+    cmd += extra
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"erase failed: {' '.join(cmd)}")
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", nargs="+", default=list(ANCHORS))
+    p.add_argument("--methods", nargs="+", default=["svare", "vare", "esd"])
+    p.add_argument("--no-joint", action="store_true", help="skip erasing all concepts in one run")
+    p.add_argument("--seeds", type=int, default=4, help="samples per prompt in the evaluation")
+    p.add_argument("--work", default="outputs/bench_erasure", help="folder for the patches")
+    p.add_argument("--out", default=None, help="JSON file for all numbers")
+    p.add_argument("--erase-arg", action="append", default=[], help="extra argument for `erase` (repeatable)")
+    args = p.parse_args()
+
+    import torch
+
+    from svare_core import load_pipeline
+    from svare_core.defaults import sampler_defaults
+    from svare_core.erasure import ErasurePatch, apply_patch
+    from svare_core.erasure.evaluate import evaluate_toy
+
+    torch.set_num_threads(1)
+    work = ROOT / args.work
+    work.mkdir(parents=True, exist_ok=True)
+    base = load_pipeline("toyworld")
+    settings = sampler_defaults(base)
+    runs = [[c] for c in args.concepts] + ([] if args.no_joint or len(args.concepts) < 2 else [list(args.concepts)])
+    rows = []
+    for method in args.methods:
+        for concepts in runs:
+            name = f"{method}_{'+'.join(concepts)}"
+            cost = run_erase(concepts, method, work / f"{name}.safetensors", args.erase_arg)
+            erased = apply_patch(base, ErasurePatch.load(work / f"{name}.safetensors"))
+            report = evaluate_toy(base, erased, concepts, seeds=args.seeds, settings=settings)
+            rows.append({"method": method, "concepts": concepts, **cost, "report": report})
+            print(f"{name}: {cost} " + ", ".join(f"{c}: {report['concepts'][c]['erasure_rate']:.1%}" for c in concepts),
+                  flush=True)
+
+    lines = ["| concept(s) | method | erasure rate | paraphrase erasure | preservation (concept prompts) | "
+             "preservation (unrelated) | FD (oracle features) | diversity ratio | time (s) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rep, u = r["report"], r["report"]["unrelated"]
+        for c in r["concepts"]:
+            k = rep["concepts"][c]
+            div = f"{u['diversity_ratio']:.2f}" if u.get("diversity_ratio") is not None else "-"
+            lines.append(f"| {'+'.join(r['concepts']) if len(r['concepts']) > 1 else c}{' : ' + c if len(r['concepts']) > 1 else ''} "
+                         f"| {r['method']} | {k['erasure_rate']:.1%} | {k['paraphrase_erasure_rate']:.1%} "
+                         f"| {k['preservation_on_concept_prompts']:.1%} | {u['preservation_unrelated']:.1%} "
+                         f"| {u['frechet_oracle_features']:.3f} | {div} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
