@@ -82,10 +82,11 @@ def main() -> None:
         for c in r["concepts"]:
             k = rep["concepts"][c]
             div = f"{u['diversity_ratio']:.2f}" if u.get("diversity_ratio") is not None else "-"
-            lines.append(f"| {'+'.join(r['concepts']) if len(r['concepts']) > 1 else c}{' : ' + c if len(r['concepts']) > 1 else ''} "
-                         f"| {r['method']} | {k['erasure_rate']:.1%} | {k['paraphrase_erasure_rate']:.1%} "
+            label = f"{'+'.join(r['concepts'])} : {c}" if len(r["concepts"]) > 1 else c
+            lines.append(f"| {label} | {r['method']} | {k['erasure_rate']:.1%} | {k['paraphrase_erasure_rate']:.1%} "
                          f"| {k['preservation_on_concept_prompts']:.1%} | {u['preservation_unrelated']:.1%} "
-                         f"| {u['frechet_oracle_features']:.3f} | {div} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
+                         f"| {u['frechet_oracle_features']:.3f} | {div} | {r['seconds']:.0f} "
+                         f"| {r['peak_rss_mb']:.0f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -245,7 +245,8 @@ def worker_reference(job: dict) -> dict:
         block_chunks=tcfg.num_block_chunks, cond_drop_rate=0.0)
     missing, unexpected = model.load_state_dict(load_file(job["weights"]["transformer"]), strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"reference model does not take these weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(f"reference model does not take these weights: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
     vae = vae.to(device).eval()
 
@@ -293,7 +294,8 @@ def _best(runs: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default=None, help="comma-separated: tiny,medium,2b (default: tiny,medium and 2b on CUDA)")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated: tiny,medium,2b (default: tiny,medium and 2b on CUDA)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls after one warm-up")
     ap.add_argument("--batch", type=int, default=1, help="images per call")
     ap.add_argument("--rounds", type=int, default=3,
@@ -365,7 +367,8 @@ def main(argv=None) -> int:
             elif "error" in ref:
                 line += f" | error: {ref['error'][:200]} | | | "
             else:
-                line += f" | {ref['s_per_image']:.4f} | {mem_cells(ref)} | {ours['s_per_image'] / ref['s_per_image']:.2f}"
+                speedup = ours["s_per_image"] / ref["s_per_image"]
+                line += f" | {ref['s_per_image']:.4f} | {mem_cells(ref)} | {speedup:.2f}"
         print(line + " |")
     return 0
 

@@ -26,6 +26,20 @@ def top_p(default: float) -> tuple:
                                  "probability are taken greedily. 0 = off."})
 
 
+def sampling(d: dict, seed_tooltip: str | None = None) -> dict:
+    """The sampler widgets every generating node has, in widget order: seed, cfg, tau, top_p.
+
+    ``d``: the node's defaults (keys seed, cfg, tau, top_p). Spread into INPUT_TYPES with ``**``; the
+    order matters, workflows store widget values by position.
+    """
+    return {
+        "seed": seed(d["seed"]) if seed_tooltip is None else seed(d["seed"], seed_tooltip),
+        "cfg": cfg(d["cfg"]),
+        "tau": tau(d["tau"]),
+        "top_p": top_p(d["top_p"]),
+    }
+
+
 def resolution(default: str) -> tuple:
     return (list(presets()), {"default": default,
                               "tooltip": "Resolution preset of Infinity's scale schedule (1M = 1024 px). Ignored by "
@@ -45,12 +59,12 @@ def prompt_lines(text: str) -> list[str]:
 
 def scale_callback(pipe, bar, offset: int = 0):
     """A generate() callback: stop on the user's interrupt, advance ``bar``, show the partial image."""
-    from svare_core import decode_preview, visual
+    from svare_core import decode_preview, imageio, visual
 
     from . import comfy_adapter as comfy
 
     def on_scale(step) -> None:
         comfy.check_interrupt()
-        preview = visual.upscale(visual.to_pil(decode_preview(pipe, step)), 256) if bar.wants_preview else None
+        preview = visual.upscale(imageio.to_pil(decode_preview(pipe, step)), 256) if bar.wants_preview else None
         bar.update(offset + step.index + 1, preview)
     return on_scale

@@ -26,10 +26,7 @@ class CompareModels:
             "model_after": (MODEL, {"tooltip": "The changed model (e.g. after Apply Erasure Patch)."}),
             "prompts": ("STRING", {"default": d["prompts"], "multiline": True,
                                    "tooltip": "One prompt per line; each becomes a row."}),
-            "seed": common.seed(d["seed"], "Seed; row i uses seed + i in both columns."),
-            "cfg": common.cfg(d["cfg"]),
-            "tau": common.tau(d["tau"]),
-            "top_p": common.top_p(d["top_p"]),
+            **common.sampling(d, "Seed; row i uses seed + i in both columns."),
             "resolution": common.resolution(d["resolution"]),
         }}
 

@@ -55,8 +55,9 @@ class EraseConcept:
             "steps": ("INT", {"default": d["steps"], "min": 1, "max": 100000, "tooltip": "Training iterations."}),
             "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 1e-7, "max": 1e-2, "step": 1e-6,
                                         "round": False, "tooltip": "AdamW learning rate (Infinity-2B: about 2e-5)."}),
-            "trainable": (list(TRAINABLE), {"default": d["trainable"], "tooltip": "Which weights learn: cross-attention "
-                                            "and/or feed-forward layers, or LoRA adapters on the attention."}),
+            "trainable": (list(TRAINABLE), {"default": d["trainable"],
+                                            "tooltip": "Which weights learn: cross-attention and/or feed-forward "
+                                                       "layers, or LoRA adapters on the attention."}),
             "lora_rank": ("INT", {"default": d["lora_rank"], "min": 1, "max": 128,
                                   "tooltip": "Rank of the LoRA adapters (only for trainable = lora)."}),
             "preservation_weight": ("FLOAT", {"default": d["preservation_weight"], "min": 0.0, "max": 10.0,

@@ -27,10 +27,7 @@ class VARSampler:
             "negative_prompt": ("STRING", {"default": "", "multiline": True,
                                            "tooltip": "Used instead of the empty prompt for guidance; empty = "
                                                       "the model's learned unconditional embedding."}),
-            "seed": common.seed(d["seed"]),
-            "cfg": common.cfg(d["cfg"]),
-            "tau": common.tau(d["tau"]),
-            "top_p": common.top_p(d["top_p"]),
+            **common.sampling(d),
             "top_k": ("INT", {"default": d["top_k"], "min": 0, "max": 2,
                               "tooltip": "1 = greedy bits; 0 (or 2) = off (a bit has only two values)."}),
             "aspect_ratio": common.aspect_ratio(d["aspect_ratio"]),
@@ -41,7 +38,8 @@ class VARSampler:
 
     def sample(self, model, prompt, negative_prompt, seed, cfg, tau, top_p, top_k, aspect_ratio, resolution,
                batch_size):
-        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p, negative_prompt=negative_prompt.strip() or None)
+        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                                   negative_prompt=negative_prompt.strip() or None)
         bar = comfy.progress(len(model.default_scales(aspect_ratio, resolution)))
         result = generate(model, [prompt] * batch_size, seed=core_seed(seed), settings=settings,
                           aspect_ratio=aspect_ratio, preset=resolution, callback=common.scale_callback(model, bar))

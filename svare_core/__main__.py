@@ -29,6 +29,16 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+# Training options of demo and erase (EraseConfig fields); None keeps the model family's default.
+ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
+                 ("preservation_weight", float), ("teacher_cfg", float))
+
+
+def _add_erase_args(p: argparse.ArgumentParser) -> None:
+    for name, typ in ERASE_OPTIONS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+
+
 def _load(args):
     from . import load_pipeline
     from .erasure import ErasurePatch, apply_patch
@@ -90,7 +100,7 @@ def _erase_config(args, pipe):
     from .defaults import erase_defaults
 
     cfg = erase_defaults(pipe)
-    for name in ("method", "steps", "lr", "trainable", "lora_rank", "preservation_weight", "teacher_cfg", "seed"):
+    for name in (*(opt for opt, _ in ERASE_OPTIONS), "seed"):
         v = getattr(args, name, None)
         if v is not None:
             cfg = replace(cfg, **{name: v})
@@ -176,7 +186,8 @@ def cmd_demo(args) -> None:
     for model in tqdm([base, erased], desc="grid", unit="model"):
         res = generate(model, [p for p in prompts for _ in range(args.grid_seeds)], seed=args.seed, settings=settings)
         rows.append(res.images)
-    cells = [[rows[m][i * args.grid_seeds + s] for m in range(2) for s in range(args.grid_seeds)] for i in range(len(prompts))]
+    cells = [[rows[m][i * args.grid_seeds + s] for m in range(2) for s in range(args.grid_seeds)]
+             for i in range(len(prompts))]
     cols = [f"{name} #{s}" for name in ("before", "after") for s in range(args.grid_seeds)]
     labelled_grid(cells, prompts, cols).save(out / "before_after.png")
     report = evaluate_toy(base, erased, [args.concept], seeds=args.seeds, settings=settings)
@@ -206,9 +217,7 @@ def main(argv=None) -> None:
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--seeds", type=int, default=4, help="samples per prompt in the report")
     d.add_argument("--grid-seeds", type=int, default=3)
-    for name, typ in (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
-                      ("preservation_weight", float), ("teacher_cfg", float)):
-        d.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    _add_erase_args(d)
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sample", help="generate PNGs")
@@ -232,9 +241,7 @@ def main(argv=None) -> None:
     e.add_argument("--preserve", action="append", default=[], help="preservation prompt (repeatable)")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")
     e.add_argument("--seed", type=int, default=None)
-    for name, typ in (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
-                      ("preservation_weight", float), ("teacher_cfg", float)):
-        e.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+    _add_erase_args(e)
     e.set_defaults(func=cmd_erase)
 
     v = sub.add_parser("evaluate", help="erasure report on the toy world (oracle-judged)")

@@ -104,7 +104,8 @@ def _cached(model: HubModel) -> Path | None:
 
 def instructions(model: HubModel, dest: Path) -> str:
     where = dest / model.subdir if model.subdir else dest
-    files = ", ".join(model.files) if len(model.files) <= 2 else f"{len(model.files)} files ({', '.join(model.files[:2])}, ...)"
+    files = (", ".join(model.files) if len(model.files) <= 2
+             else f"{len(model.files)} files ({', '.join(model.files[:2])}, ...)")
     include = f'--include "{model.files[0].split("/")[0]}/*"' if model.entry else " ".join(
         f'"{f}"' for f in model.files)
     return (f"{model.name} ({model.size}) is not in {where} nor in the Hugging Face cache. Download {files} "

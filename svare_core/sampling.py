@@ -128,20 +128,20 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
     x = model.start_token(cond)
     offset, all_bits, all_logits = 0, [], []
     for i, (h, w) in enumerate(scales):
-        l = h * w
+        n_tok = h * w
         x = x + model.lvl_embed.weight[i].to(x.dtype)
-        r = rope[offset:offset + l]
-        offset += l
+        r = rope[offset:offset + n_tok]
+        offset += n_tok
         for blk, cache in zip(model.blocks, caches):
             x = blk(x, ada, cond, r, None, cache)
-        logits = model.logits(x, cond.pooled)                         # (rows, l, d, 2)
+        logits = model.logits(x, cond.pooled)                         # (rows, n_tok, d, 2)
         if return_logits:
             all_logits.append(logits[:B].cpu())
         if guided:
             g = s.cfg_at(i, n)
             logits = g * logits[:B] + (1 - g) * logits[B:]
         probs = torch.softmax(logits / s.tau, dim=-1)[..., 1].float().cpu()
-        u = torch.stack([torch.rand((l, d), generator=gen) for gen in gens])
+        u = torch.stack([torch.rand((n_tok, d), generator=gen) for gen in gens])
         bits = sample_bits(probs, u, s.top_k, s.top_p).to(model.device)
         all_bits.append(bits)
         summed = add_scale(summed, bits, (h, w), patch)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .imageio import to_pil
+
 BACKGROUND = (24, 24, 24)
 TEXT = (235, 235, 235)
 MUTED = (140, 140, 140)
@@ -21,27 +23,12 @@ LINE_COLOURS = [(255, 120, 80), (90, 170, 255), (120, 220, 120), (230, 200, 80),
 SKIP_KEYS = ("step", "kept_tokens")   # history entries that are not losses
 
 
-def font(size: int = 14):
+def font(size: int = 14) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` px (a fixed bitmap font on Pillow < 10.1)."""
     try:
         return ImageFont.load_default(size=size)   # scalable with FreeType (Pillow >= 10.1)
     except TypeError:
         return ImageFont.load_default()
-
-
-def to_pil(image) -> Image.Image:
-    """(H, W, 3) tensor/array, float in 0..1 or uint8, -> RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu().numpy()
-    a = np.asarray(image)
-    if a.ndim == 4 and a.shape[0] == 1:
-        a = a[0]
-    if a.dtype != np.uint8:
-        a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if a.ndim == 2:
-        a = np.stack([a] * 3, -1)
-    return Image.fromarray(np.ascontiguousarray(a[..., :3]), "RGB")
 
 
 def to_comfy_image(pil: Image.Image) -> torch.Tensor:
@@ -57,6 +44,7 @@ def upscale(img: Image.Image, min_size: int = 192) -> Image.Image:
 
 
 def wrap(text: str, fnt, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Greedy word wrap of ``text`` into lines at most ``width`` px wide (a longer single word stays whole)."""
     lines = []
     for para in str(text).splitlines() or [""]:
         line = ""

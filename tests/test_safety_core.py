@@ -24,7 +24,7 @@ from svare_core.safety import (
     get_detector,
     report,
 )
-from svare_core.safety import images as I
+from svare_core import imageio as I
 
 
 def _rand_u8(b, h=24, w=32, c=3, seed=0):

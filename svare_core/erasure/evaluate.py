@@ -51,7 +51,8 @@ def paraphrase_prompts(concept: str) -> list[PromptSpec]:
     out = []
     for spec in concept_prompts(concept):
         for i in synonyms:
-            out.append(PromptSpec(world.paraphrase_caption(**spec.wanted, attribute=attr, synonym_index=i), spec.wanted))
+            caption = world.paraphrase_caption(**spec.wanted, attribute=attr, synonym_index=i)
+            out.append(PromptSpec(caption, spec.wanted))
     return out
 
 
@@ -118,7 +119,8 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
     report = {"concepts": {}, "settings": {"seeds_per_prompt": seeds, "cfg": settings.cfg, "tau": settings.tau,
                                            "top_p": settings.top_p}}
     unrelated = unrelated_prompts(concepts)
-    base_u, erased_u = _generate(base, unrelated, seeds, settings, seed), _generate(erased, unrelated, seeds, settings, seed)
+    base_u = _generate(base, unrelated, seeds, settings, seed)
+    erased_u = _generate(erased, unrelated, seeds, settings, seed)
     read_bu, read_eu = oracle.read(base_u), oracle.read(erased_u)
     acc_bu, acc_eu = _accuracy(read_bu, unrelated, seeds), _accuracy(read_eu, unrelated, seeds)
     shared = {
@@ -134,7 +136,8 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
     for concept in concepts:
         attr = attribute_of(concept)
         specs, para = concept_prompts(concept), paraphrase_prompts(concept)
-        base_c, erased_c = _generate(base, specs, seeds, settings, seed), _generate(erased, specs, seeds, settings, seed)
+        base_c = _generate(base, specs, seeds, settings, seed)
+        erased_c = _generate(erased, specs, seeds, settings, seed)
         erased_p = _generate(erased, para, max(1, seeds // 2), settings, seed)
         base_p = _generate(base, para, max(1, seeds // 2), settings, seed)
         rb, re_, rp, rbp = oracle.read(base_c), oracle.read(erased_c), oracle.read(erased_p), oracle.read(base_p)

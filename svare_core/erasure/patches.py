@@ -71,7 +71,8 @@ class ErasurePatch:
                 header = dict(f.metadata() or {})
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001
-            raise PatchError(f"{path}: cannot be read as a safetensors patch ({e}); the file is corrupt or truncated") from e
+            raise PatchError(f"{path}: cannot be read as a safetensors patch ({e}); "
+                             "the file is corrupt or truncated") from e
         if header.get("format") != PATCH_FORMAT:
             raise PatchError(f"{path}: is not an erasure patch (format {header.get('format')!r}); "
                              "to load a model use Load VAR / load_pipeline instead")

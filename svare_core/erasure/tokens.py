@@ -47,7 +47,8 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
     for k, prompt in enumerate(dict.fromkeys(prompts)):
         rows = []
         for seed in seeds:
-            path = Path(cache_dir) / f"{_cache_key(fingerprint, prompt, seed, settings, scales)}.safetensors" if cache_dir else None
+            key = _cache_key(fingerprint, prompt, seed, settings, scales)
+            path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
             if path is not None and path.exists():
                 rows.append(load_file(str(path))["bits"].float())
                 continue

@@ -65,8 +65,9 @@ def teacher_forcing_inputs(bits_per_scale: list[torch.Tensor], scales, patch: in
     return x, summed
 
 
-def quantize_multiscale(z: torch.Tensor, scales, *, patch: int = 1, flip_prob: float = 0.0,
-                        generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def quantize_multiscale(
+    z: torch.Tensor, scales, *, patch: int = 1, flip_prob: float = 0.0, generator: torch.Generator | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Residual bitwise quantisation of a raw latent z (B, d, H*patch, W*patch) over ``scales``.
 
     Returns (labels per scale (B, h*w, d_token), inputs (B, L-1, d_token), summed codes). With
@@ -76,7 +77,8 @@ def quantize_multiscale(z: torch.Tensor, scales, *, patch: int = 1, flip_prob: f
     """
     H, W = scales[-1]
     if tuple(z.shape[-2:]) != (H * patch, W * patch):
-        raise ValueError(f"the last scale {tuple(scales[-1])} (x{patch}) does not match the latent grid {tuple(z.shape[-2:])}")
+        raise ValueError(f"the last scale {tuple(scales[-1])} (x{patch}) does not match the latent grid "
+                         f"{tuple(z.shape[-2:])}")
     summed = torch.zeros_like(z, dtype=torch.float32)
     labels, inputs = [], []
     for i, (h, w) in enumerate(scales):

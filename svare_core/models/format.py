@@ -53,7 +53,8 @@ def load_unique_state_dict(module: torch.nn.Module, state: dict[str, torch.Tenso
     aliases = set(module.state_dict()) - set(unique_state_dict(module))
     missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
-        raise KeyError(f"state dict does not fit {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise KeyError(f"state dict does not fit {type(module).__name__}: "
+                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: str | None = None,

@@ -209,7 +209,8 @@ class Infinity(nn.Module):
     def level_ids(self, scales) -> torch.Tensor:
         return torch.cat([torch.full((h * w,), i, dtype=torch.long) for i, (h, w) in enumerate(scales)]).to(self.device)
 
-    def forward(self, cond: TextCondition, x_inputs: torch.Tensor, scales, *, checkpointing: bool = False) -> torch.Tensor:
+    def forward(self, cond: TextCondition, x_inputs: torch.Tensor, scales, *,
+                checkpointing: bool = False) -> torch.Tensor:
         """Teacher-forced pass over all scales at once with the block-causal mask.
 
         ``x_inputs``: (B, L - 1, bits), the interpolated cumulative codes that feed scales 1..N-1.

@@ -72,7 +72,8 @@ def _read_sharded(index_path: Path) -> Checkpoint:
     for name in files:
         shard = index_path.parent / name
         if not shard.exists():
-            raise ModelLoadError(f"{index_path}: shard {name} is missing; download every shard into {index_path.parent}")
+            raise ModelLoadError(f"{index_path}: shard {name} is missing; "
+                                 f"download every shard into {index_path.parent}")
         state.update(_read_safetensors(shard))
     return Checkpoint(index_path, state, {})
 
@@ -137,7 +138,8 @@ def normalise_vae_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if k.startswith("quantize."):
             continue
         *mod, param = k.split(".")
-        if mod and (mod[-1] in _PLAIN_CONVS or (mod[-1] == "conv" and len(mod) > 1 and mod[-2] in ("downsample", "upsample"))):
+        resample_conv = len(mod) > 1 and mod[-1] == "conv" and mod[-2] in ("downsample", "upsample")
+        if mod and (mod[-1] in _PLAIN_CONVS or resample_conv):
             mod.append("conv")
         elif mod and mod[-1] in _PLAIN_NORMS:
             mod.append("norm")
@@ -158,11 +160,13 @@ def vae_config_from_shapes(ckpt: Checkpoint) -> VAEConfig:
 
 FAMILIES: list[Family] = [
     Family("infinity", "Infinity text-to-image transformer (bitwise tokens)",
-           lambda c: _has(c, "word_embed.weight", "text_proj_for_sos.ca.mat_q", "block_chunks.0.module.0.sa.mat_qkv.weight"),
+           lambda c: _has(c, "word_embed.weight", "text_proj_for_sos.ca.mat_q",
+                          "block_chunks.0.module.0.sa.mat_qkv.weight"),
            infinity_config_from_shapes),
     Family("infinity-vae", "Infinity BSQ VAE",
            lambda c: any(k in c.state for k in ("encoder.conv_in.conv.weight", "encoder.conv_in.weight"))
-           and any(k.startswith("decoder.up.") for k in c.state) and not any(k.startswith("quantize.embedding") for k in c.state),
+           and any(k.startswith("decoder.up.") for k in c.state)
+           and not any(k.startswith("quantize.embedding") for k in c.state),
            vae_config_from_shapes),
     Family("var", "VAR class-conditional ImageNet transformer (FoundationVision/VAR)",
            lambda c: _has(c, "class_emb.weight", "blocks.0.attn.mat_qkv.weight")),
@@ -218,6 +222,10 @@ def inspect_file(path: str | Path) -> ModelInfo:
 
 
 # -- building modules ------------------------------------------------------------------------------
+def _few(keys: list[str]) -> str:
+    return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+
+
 def _build(module_cls, cfg, state: dict[str, torch.Tensor], path: Path, device, dtype):
     with torch.device("meta"):
         module = module_cls(cfg)
@@ -227,10 +235,10 @@ def _build(module_cls, cfg, state: dict[str, torch.Tensor], path: Path, device, 
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ModelLoadError(f"{path}: does not match the inferred {module_cls.__name__} architecture: "
-                             f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), "
-                             f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}). "
+                             f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}. "
                              "The file is incomplete or from another model.")
-    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+           if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         raise ModelLoadError(f"{path}: tensor shapes do not fit the inferred architecture, e.g. {bad[:3]}")
     module = module.to_empty(device="cpu")
@@ -243,14 +251,21 @@ def _build(module_cls, cfg, state: dict[str, torch.Tensor], path: Path, device, 
     return module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
 
 
+def _svare_part(ckpt: Checkpoint, path: str | Path, part: str, config_cls, what: str) -> tuple[object, dict]:
+    """(config, state) of one part of a svare file: the JSON config in metadata ``{part}_config`` and the
+    tensors under ``{part}.`` with that prefix stripped."""
+    if f"{part}_config" not in ckpt.metadata:
+        raise ModelLoadError(f"{path}: this svare file holds no {what}")
+    cfg = config_cls.from_dict(json.loads(ckpt.metadata[f"{part}_config"]))
+    prefix = f"{part}."
+    return cfg, {k[len(prefix):]: v for k, v in ckpt.state.items() if k.startswith(prefix)}
+
+
 def load_transformer(path: str | Path, *, device="cpu", dtype: torch.dtype | None = torch.float32) -> Infinity:
     ckpt = read_checkpoint(path)
     fam = identify(ckpt)
     if fam.name == "svare":
-        if "transformer_config" not in ckpt.metadata:
-            raise ModelLoadError(f"{path}: this svare file holds no transformer")
-        cfg = InfinityConfig.from_dict(json.loads(ckpt.metadata["transformer_config"]))
-        state = {k[len("transformer."):]: v for k, v in ckpt.state.items() if k.startswith("transformer.")}
+        cfg, state = _svare_part(ckpt, path, "transformer", InfinityConfig, "transformer")
     elif fam.name == "infinity":
         cfg, state = infinity_config_from_shapes(ckpt), ckpt.state
     else:
@@ -265,10 +280,7 @@ def load_vae(path: str | Path, *, device="cpu", dtype: torch.dtype | None = torc
     ckpt = read_checkpoint(path)
     fam = identify(ckpt)
     if fam.name == "svare":
-        if "vae_config" not in ckpt.metadata:
-            raise ModelLoadError(f"{path}: this svare file holds no VAE")
-        cfg = VAEConfig.from_dict(json.loads(ckpt.metadata["vae_config"]))
-        state = {k[len("vae."):]: v for k, v in ckpt.state.items() if k.startswith("vae.")}
+        cfg, state = _svare_part(ckpt, path, "vae", VAEConfig, "VAE")
     elif fam.name == "infinity-vae":
         cfg, state = vae_config_from_shapes(ckpt), normalise_vae_keys(ckpt.state)
         if token_bits is not None:

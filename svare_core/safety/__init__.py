@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ..imageio import ImagesLike, to_bgr_list, to_pil_list, to_uint8_batch, to_uint8_list
 from .actions import censor, censor_image, flag, reasons_for, report
 from .base import Detection, Detector, DetectorUnavailable
-from .images import ImagesLike, to_bgr_list, to_pil_list, to_uint8_batch, to_uint8_list
 from .registry import (
     available_detectors,
     clear_cache,

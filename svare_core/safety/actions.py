@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
 
+from ..imageio import ImagesLike, describe, to_uint8_list
+from ..visual import font as default_font
+from ..visual import wrap
 from .base import Detection
-from .images import ImagesLike, describe, replace_images, to_uint8_list
+from .images import replace_images
 
 __all__ = ["flag", "censor", "censor_image", "report"]
 
@@ -19,28 +22,6 @@ def flag(detection: Detection | np.ndarray | Sequence[float], threshold: float) 
     return np.asarray(scores, dtype=np.float32).reshape(-1) >= float(threshold)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # Pillow >= 10.1 (scalable when FreeType is built in)
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> list[str]:
-    lines: list[str] = []
-    for para in text.splitlines() or [""]:
-        words, line = para.split(), ""
-        for w in words:
-            cand = f"{line} {w}".strip()
-            if line and draw.textlength(cand, font=font) > max_width:
-                lines.append(line)
-                line = w
-            else:
-                line = cand
-        lines.append(line)
-    return lines
-
-
 def censor_image(rgb: np.ndarray, reason: str | None, radius: float | None = None) -> np.ndarray:
     """Strongly blurred copy of one uint8 RGB image with ``reason`` written on it."""
     h, w = rgb.shape[:2]
@@ -49,9 +30,9 @@ def censor_image(rgb: np.ndarray, reason: str | None, radius: float | None = Non
     img = img.filter(ImageFilter.GaussianBlur(radius=r))
     if reason:
         draw = ImageDraw.Draw(img)
-        font = _font(max(10, min(h, w) // 20))
+        font = default_font(max(10, min(h, w) // 20))
         margin = max(2, min(h, w) // 32)
-        lines = _wrap(draw, reason, font, max(1, w - 4 * margin))
+        lines = wrap(reason, font, max(1, w - 4 * margin), draw)
         boxes = [draw.textbbox((0, 0), ln, font=font) for ln in lines]
         line_h = max((b[3] - b[1] for b in boxes), default=0) + margin // 2 + 1
         block_h = line_h * len(lines)
@@ -59,7 +40,8 @@ def censor_image(rgb: np.ndarray, reason: str | None, radius: float | None = Non
         x0 = max(0, (w - block_w) // 2)
         y0 = max(0, (h - block_h) // 2)
         draw.rectangle(
-            (max(0, x0 - margin), max(0, y0 - margin), min(w - 1, x0 + block_w + margin), min(h - 1, y0 + block_h + margin)),
+            (max(0, x0 - margin), max(0, y0 - margin),
+             min(w - 1, x0 + block_w + margin), min(h - 1, y0 + block_h + margin)),
             fill=(0, 0, 0),
         )
         for k, ln in enumerate(lines):

@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .images import ImagesLike
+from ..imageio import ImagesLike
 
 __all__ = ["Detection", "Detector", "DetectorUnavailable", "require_modules", "NUDITY_CONCEPTS"]
 
@@ -62,7 +62,7 @@ class Detection:
             "detector": self.detector,
             "concept": self.concept,
             "scores": [float(s) for s in self.scores],
-            "labels": [list(l) for l in self.labels],
+            "labels": [list(labels) for labels in self.labels],
             "details": list(self.details),
         }
 

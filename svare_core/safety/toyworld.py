@@ -18,10 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from ..imageio import ImagesLike, to_uint8_list
 from .base import Detection, DetectorUnavailable, normalise_concept
-from .images import ImagesLike, to_uint8_list
 
 
 def _import_toyworld() -> tuple[Any, Any]:
@@ -72,16 +71,10 @@ class ToyWorldDetector:
         self._oracle = oracle.Oracle(**oracle_options)
         self.values: dict[str, tuple[str, ...]] = dict(world.VALUES)
         self.size = int(getattr(world, "IMAGE_SIZE", 64))
+        self._fit_size = oracle.fit_size
 
     def _batch(self, images: ImagesLike) -> np.ndarray:
-        out = []
-        for a in to_uint8_list(images):
-            if a.shape[:2] != (self.size, self.size):
-                a = np.asarray(Image.fromarray(a).resize((self.size, self.size), Image.BOX))
-            out.append(a)
-        if not out:
-            return np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
-        return np.stack(out)
+        return self._fit_size(to_uint8_list(images))
 
     def detect(self, images: ImagesLike, concept: str | None = None) -> Detection:
         c = normalise_concept(concept)

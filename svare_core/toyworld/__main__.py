@@ -12,7 +12,8 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the toy VAE and transformer (resumable)")
     t.add_argument("--out", default="runs/toyworld", help="working folder (checkpoints, logs, dataset)")
-    t.add_argument("--dest", default=None, help="where to write the final model file (default: OUT/toyworld.safetensors)")
+    t.add_argument("--dest", default=None,
+                   help="where to write the final model file (default: OUT/toyworld.safetensors)")
     for f in fields(TrainSettings):
         if f.type in ("int", "float"):
             t.add_argument(f"--{f.name.replace('_', '-')}", type=int if f.type == "int" else float, default=f.default)

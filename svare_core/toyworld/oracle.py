@@ -30,12 +30,13 @@ Gaussian blur sigma 1 + noise sigma 6 + per-channel shift +-10 (+ 0.5 px warp).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ..imageio import as_array, to_uint8_list
 from . import world as W
 
 NONE = "none"  # value reported for shape/colour/style when nothing is drawn
@@ -67,21 +68,21 @@ def _sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + np.exp(-np.clip(x, -50, 50))))
 
 
+def fit_size(images: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 RGB images ``[H, W, 3]`` of any size -> ``[N, 64, 64, 3]``; other sizes are box-resized."""
+    size = (W.IMAGE_SIZE, W.IMAGE_SIZE)
+    out = [a if a.shape[:2] == size else np.asarray(Image.fromarray(a).resize(size, Image.BOX)) for a in images]
+    return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8)
+
+
 def to_uint8_batch(images: Any) -> np.ndarray:
     """uint8 [N,64,64,3] from uint8/float numpy or torch ([N,]H,W,3 or N,3,H,W; floats in 0..1)."""
-    if hasattr(images, "detach"):  # torch tensor; avoid importing torch here
-        images = images.detach().float().cpu().numpy()
-    a = np.asarray(images)
+    a = as_array(images)
     if a.ndim == 3:
         a = a[None]
     if a.shape[-1] != 3 and a.shape[1] == 3:  # channels-first
         a = a.transpose(0, 2, 3, 1)
-    if a.dtype != np.uint8:
-        a = np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    if a.shape[1:3] != (W.IMAGE_SIZE, W.IMAGE_SIZE):
-        a = np.stack([np.asarray(Image.fromarray(x).resize((W.IMAGE_SIZE, W.IMAGE_SIZE), Image.BOX))
-                      for x in a])
-    return a
+    return fit_size(to_uint8_list(a))
 
 
 class Oracle:
