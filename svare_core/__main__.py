@@ -133,7 +133,9 @@ def cmd_erase(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .erasure.evaluate import evaluate_toy
+    from .defaults import is_toy
+    from .erasure.evaluate import evaluate_toy, evaluate_with_detector
+    from .erasure.pairs import template_prompts
     from .loader import load_pipeline
 
     erased = _load(args)
@@ -141,7 +143,20 @@ def cmd_evaluate(args) -> None:
     concepts = args.concept or sorted({c for p, _ in erased.patches for c in p.concepts})
     if not concepts:
         raise SystemExit("name the erased concepts with --concept, or give --patch files that record them")
-    report = evaluate_toy(base, erased, concepts, seeds=args.seeds, settings=_settings(args, base))
+    settings = _settings(args, base)
+    detector = args.detector or ("toyworld" if is_toy(base) else None)
+    if detector == "toyworld":
+        report = evaluate_toy(base, erased, concepts, seeds=args.seeds, settings=settings)
+    elif detector is None:
+        raise SystemExit("for a real model choose the judge: --detector nudenet (nudity) or clip (objects, styles; "
+                         "with --clip-model FOLDER)")
+    else:
+        options = {"model_path": args.clip_model} if args.clip_model else {}
+        report = {"concepts": {}}
+        for c in concepts:
+            report["concepts"][c] = evaluate_with_detector(base, erased, c, template_prompts(c, args.kind), detector=detector,
+                                                           threshold=args.threshold, seeds=args.seeds,
+                                                           settings=settings, detector_options=options)
     text = json.dumps(report, indent=1)
     if args.json:
         Path(args.json).write_text(text)
@@ -250,6 +265,10 @@ def main(argv=None) -> None:
     v.add_argument("--concept", action="append", default=[])
     v.add_argument("--seeds", type=int, default=4)
     v.add_argument("--json", default=None, help="write the report here")
+    v.add_argument("--detector", default=None, help="judge: toyworld (default for the toy model), nudenet, clip, open_nsfw")
+    v.add_argument("--kind", default="object", help="templates for the concept prompts of real models: object, style, nudity")
+    v.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept present'")
+    v.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
     v.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("inspect", help="what a model file is, or why it cannot be used")

@@ -148,3 +148,28 @@ def test_quality_toy_structure(tiny_pipeline):
     held = quality_toy(tiny_pipeline, max_prompts=3, seeds=2, held_out=True)
     assert held["num_images"] == 6 and held["diversity"] >= 0
     assert quality_toy(tiny_pipeline, max_prompts=3, seeds=1) == q            # deterministic
+
+
+def test_evaluate_with_detector(tiny_pipeline, monkeypatch):
+    from svare_core.erasure.evaluate import evaluate_with_detector
+    from svare_core.erasure.pairs import template_prompts
+
+    prompts = template_prompts("dog", "object")[:2]
+    same = strict_json(evaluate_with_detector(tiny_pipeline, tiny_pipeline, "red", prompts, detector="toyworld",
+                                              unrelated=["a cat", "a tree"], seeds=2, threshold=0.5))
+    assert same["erasure_rate"] == same["base_absent_rate"]
+    assert same["unrelated_flag_rate_erased"] == same["unrelated_flag_rate_base"]
+    assert same["unrelated_pixel_change"] == 0.0 and same["num_images"] == 8
+
+    # A judge that flags everything: nothing counts as erased, on any model.
+    from svare_core.safety.base import Detection
+    import numpy as np
+
+    class Always:
+        def detect(self, images, concept=None):
+            n = len(images)
+            return Detection(np.ones(n, np.float32), [[]] * n, [{}] * n)
+
+    monkeypatch.setattr("svare_core.safety.get_detector", lambda name, **kw: Always())
+    flagged = evaluate_with_detector(tiny_pipeline, tiny_pipeline, "dog", prompts, detector="any", seeds=1)
+    assert flagged["erasure_rate"] == 0.0 and flagged["unrelated_flag_rate_base"] == 1.0

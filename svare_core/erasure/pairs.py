@@ -65,6 +65,13 @@ def toy_pairs(concept: str, anchor: str) -> list[PromptPair]:
     return pairs
 
 
+def template_prompts(concept: str, kind: str = "object") -> list[str]:
+    """The templates of ``kind`` filled with ``concept``: prompts that ask for it."""
+    if kind not in TEMPLATES:
+        raise ValueError(f"no prompt templates for kind {kind!r}; choose one of {sorted(TEMPLATES)}")
+    return [t.format(concept) for t in TEMPLATES[kind]]
+
+
 def expand_concept(concept: str, anchor: str | None = None, kind: str = "object") -> list[PromptPair]:
     """Build pairs from templates: ``expand_concept("Van Gogh", "Monet", "style")``."""
     concept = (concept or "").strip()
@@ -79,7 +86,7 @@ def expand_concept(concept: str, anchor: str | None = None, kind: str = "object"
         raise ValueError(f"the anchor {anchor!r} is the concept itself: choose a different one")
     if kind == "toy":
         return toy_pairs(concept, anchor)
-    return [PromptPair(t.format(concept), t.format(anchor), concept) for t in TEMPLATES[kind]]
+    return [PromptPair(u, s, concept) for u, s in zip(template_prompts(concept, kind), template_prompts(anchor, kind))]
 
 
 def parse_pairs(text: str, concept: str | None = None) -> list[PromptPair]:

@@ -1,0 +1,53 @@
+"""The shipped toy model: it loads with no network, it draws what prompts ask for, and it is small."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from svare_core import load_pipeline
+from svare_core.erasure.evaluate import quality_toy
+from svare_core.loader import BUNDLED
+from svare_core.toyworld import world
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_pipeline("toyworld")
+
+
+def test_weights_are_shipped_and_small():
+    path = BUNDLED["toyworld"]
+    assert path.is_file(), f"the bundled model is missing: {path}"
+    assert path.stat().st_size <= 40e6
+
+
+def test_loads_without_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted while loading the bundled model")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline("toyworld")
+    assert pipe.name == "toyworld" and pipe.scales[-1] == (8, 8)
+
+
+def test_quality_on_a_small_sample(toy):
+    # A looser bound than the README's 500+ image measurement, to keep CI fast.
+    q = quality_toy(toy, seeds=2, seed=7, max_prompts=24)
+    assert q["num_images"] == 48
+    assert q["colour"] >= 0.8, q
+    assert q["shape"] >= 0.7, q
+    assert q["style"] >= 0.6, q
+
+
+def test_seeds_change_position_and_size(toy):
+    from svare_core import generate
+
+    imgs = generate(toy, [world.full_caption(shape="star", colour="red")] * 4, seed=3).images
+    diffs = [float((imgs[0] - imgs[i]).abs().mean()) for i in range(1, 4)]
+    assert min(diffs) > 0.01, diffs
+    assert torch.isfinite(imgs).all() and imgs.shape == (4, 64, 64, 3)
+    assert np.isclose(float(imgs.min()), 0, atol=0.2)
