@@ -7,6 +7,7 @@ from dataclasses import replace
 from svare_core import visual
 from svare_core.defaults import erase_defaults
 from svare_core.erasure import ErasurePatch, apply_patch, build_pairs, erase
+from svare_core.erasure.pairs import preserve_prompts_for
 from svare_core.erasure.pairs import KINDS
 from svare_core.erasure.trainer import METHODS
 
@@ -86,7 +87,8 @@ class EraseConcept:
             show = bar.wants_preview and (step.step % every == 0 or step.step == step.total)
             bar.update(step.step, visual.loss_curve(history, size=(384, 216)) if show else None)
 
-        result = erase(model, prompt_pairs, config, preserve_prompts=common.prompt_lines(preserve_prompts),
+        preserve = preserve_prompts_for(prompt_pairs, kind, common.prompt_lines(preserve_prompts))
+        result = erase(model, prompt_pairs, config, preserve_prompts=preserve,
                        callback=on_step)
         last = ", ".join(f"{k} {v:.4g}" for k, v in result.history[-1].items() if k != "step") if result.history else ""
         report = (f"{describe(result.patch)}\nfinal losses: {last}\n{result.seconds:.1f} s"

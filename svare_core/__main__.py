@@ -122,10 +122,12 @@ def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
 
 
 def cmd_erase(args) -> None:
+    from .erasure.pairs import preserve_prompts_for
+
     pipe = _load(args)
     pairs = _pairs_from_args(args)
     cfg = _erase_config(args, pipe)
-    result = _run_erase(pipe, pairs, cfg, args.preserve)
+    result = _run_erase(pipe, pairs, cfg, preserve_prompts_for(pairs, args.kind, args.preserve))
     result.patch.meta["metrics"]["train_seconds"] = round(result.seconds, 1)
     path = result.patch.save(args.out)
     print(f"erased {result.patch.concepts} with {cfg.method} in {result.seconds:.0f} s; patch: {path} "
@@ -179,6 +181,7 @@ def cmd_demo(args) -> None:
     from .erasure import apply_patch, expand_concept
     from .erasure.evaluate import evaluate_toy
     from .toyworld import world
+    from .erasure.pairs import preserve_prompts_for
     from .visual import labelled_grid
 
     t0 = time.time()
@@ -187,7 +190,8 @@ def cmd_demo(args) -> None:
     base = _load(args)
     cfg = _erase_config(args, base)
     pairs = expand_concept(args.concept, args.anchor, "toy")
-    result = _run_erase(base, pairs, cfg, args.preserve, desc=f"erasing '{args.concept}'")
+    result = _run_erase(base, pairs, cfg, preserve_prompts_for(pairs, "toy", args.preserve),
+                        desc=f"erasing '{args.concept}'")
     result.patch.save(out / f"erase_{args.concept}.safetensors")
     erased = apply_patch(base, result.patch)
     settings = _settings(args, base)

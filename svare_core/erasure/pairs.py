@@ -158,3 +158,34 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
                          "(comma-separated, in the same order) or a single anchor for all")
     anchors = anchors * len(concepts) if len(anchors) == 1 else anchors or [None] * len(concepts)
     return validate_pairs([p for c, a in zip(concepts, anchors) for p in expand_concept(c, a, kind)])
+
+
+def default_preserve_prompts(concept: str, kind: str) -> list[str]:
+    """Prompts whose images must not change, when the user gives none.
+
+    For the toy world: the other values of the concept's attribute, alone and with each shape (or
+    colour), so the model keeps drawing "a green star" while "red" goes. For real-model kinds,
+    none: only the anchors are preserved unless the user names more.
+    """
+    if kind != "toy":
+        return []
+    from ..toyworld import world
+
+    attribute = next(a for a, values in world.VALUES.items() if concept in values)
+    other = "shape" if attribute != "shape" else "colour"
+    prompts = []
+    for i, value in enumerate(v for v in world.VALUES[attribute] if v != concept):
+        prompts.append(world.full_caption(**{attribute: value}))
+        prompts.append(world.full_caption(**{attribute: value, other: world.VALUES[other][i % len(world.VALUES[other])]}))
+    return prompts
+
+
+def preserve_prompts_for(pairs: list[PromptPair], kind: str, given: list[str] | None = None) -> list[str]:
+    """The user's preservation prompts, or the defaults of every erased concept (never an unsafe prompt)."""
+    if given:
+        return list(dict.fromkeys(given))
+    concepts = sorted({p.concept for p in pairs if p.concept})
+    unsafe = {p.unsafe for p in pairs}
+    prompts = [q for c in concepts for q in default_preserve_prompts(c, kind)]
+    # Several concepts at once: a default for one may name another ("a star" when erasing red and star).
+    return [q for q in dict.fromkeys(prompts) if q not in unsafe and not any(_mentions(q, c) for c in concepts)]
