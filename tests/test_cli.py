@@ -89,8 +89,11 @@ def test_erase_then_evaluate(model_file, tmp_path, capsys, tiny_pipeline):
     assert any(t.abs().max() > 0 for t in patch.tensors.values())
 
     report_path = tmp_path / "r.json"
+    # A model that is not the bundled toy one needs its judge named.
+    with pytest.raises(SystemExit, match="--detector"):
+        main(["evaluate", "--model", str(model_file), "--patch", str(patch_path), "--seeds", "1"])
     main(["evaluate", "--model", str(model_file), "--patch", str(patch_path), "--seeds", "1",
-          "--json", str(report_path)])
+          "--detector", "toyworld", "--json", str(report_path)])
     report = strict_json(report_path.read_text())
     assert set(report["concepts"]) == {"red"}
     assert 0 <= report["concepts"]["red"]["erasure_rate"] <= 1
