@@ -33,10 +33,19 @@ def run_erase(concepts: list[str], method: str, out: Path, extra: list[str]) -> 
     cmd += extra
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
+    # The child's own high-water mark (VmHWM starts afresh at exec; ru_maxrss would include the
+    # memory of this parent process at fork time).
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak_kb = max(peak_kb, int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))))
+        except (OSError, StopIteration, ValueError):
+            pass
+        time.sleep(0.2)
+    if proc.returncode != 0:
         raise SystemExit(f"erase failed: {' '.join(cmd)}")
-    return {"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {"seconds": round(time.time() - t0, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def main() -> None:
@@ -45,6 +54,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["svare", "vare", "esd"])
     p.add_argument("--no-joint", action="store_true", help="skip erasing all concepts in one run")
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt in the evaluation")
+    p.add_argument("--steps", type=int, default=100, help="erasure steps per concept")
     p.add_argument("--work", default="outputs/bench_erasure", help="folder for the patches")
     p.add_argument("--out", default=None, help="JSON file for all numbers")
     p.add_argument("--erase-arg", action="append", default=[], help="extra argument for `erase` (repeatable)")
@@ -67,7 +77,9 @@ def main() -> None:
     for method in args.methods:
         for concepts in runs:
             name = f"{method}_{'+'.join(concepts)}"
-            cost = run_erase(concepts, method, work / f"{name}.safetensors", args.erase_arg)
+            # Several concepts in one run get the single-concept budget per concept.
+            steps = ["--steps", str(args.steps * len(concepts))]
+            cost = run_erase(concepts, method, work / f"{name}.safetensors", steps + args.erase_arg)
             erased = apply_patch(base, ErasurePatch.load(work / f"{name}.safetensors"))
             report = evaluate_toy(base, erased, concepts, seeds=args.seeds, settings=settings)
             rows.append({"method": method, "concepts": concepts, **cost, "report": report})

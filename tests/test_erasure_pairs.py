@@ -170,3 +170,15 @@ def test_validate_drops_duplicates_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert validate_pairs(pairs[:2]) == pairs[:2]   # no warning without duplicates
+
+
+def test_joint_pairs_never_target_another_erased_concept():
+    from svare_core.erasure import build_pairs
+
+    pairs = build_pairs("red, star", "blue, circle", "toy")
+    assert {p.concept for p in pairs} == {"red", "star"}
+    for p in pairs:
+        other = "star" if p.concept == "red" else "red"
+        assert other not in p.safe.split(), p
+    single = build_pairs("star", "circle", "toy")
+    assert any("red" in p.safe.split() for p in single)  # alone, "a red star" -> "a red circle" is fine

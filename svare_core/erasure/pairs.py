@@ -157,7 +157,10 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
         raise ValueError(f"{len(concepts)} concepts but {len(anchors)} anchors: give one anchor per concept "
                          "(comma-separated, in the same order) or a single anchor for all")
     anchors = anchors * len(concepts) if len(anchors) == 1 else anchors or [None] * len(concepts)
-    return validate_pairs([p for c, a in zip(concepts, anchors) for p in expand_concept(c, a, kind)])
+    pairs = [p for c, a in zip(concepts, anchors) for p in expand_concept(c, a, kind)]
+    # Erasing several concepts at once: a safe target that shows another erased concept
+    # ("a red star" -> "a red circle" while red goes too) would teach the model to keep it.
+    return validate_pairs([p for p in pairs if not any(_mentions(p.safe, c) for c in concepts if c != p.concept)])
 
 
 def default_preserve_prompts(concept: str, kind: str) -> list[str]:
