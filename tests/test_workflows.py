@@ -126,5 +126,4 @@ def test_shipped_example_patch_exists():
     (name,) = [n["widgets_values"][0] for n in nodes.values() if n["type"] == "SvareLoadErasurePatch"]
     assert name.endswith(".safetensors") and "/" not in name
     shipped = [d / name for d in pack.nodes.comfy_adapter.BUNDLED_PATCH_DIRS]
-    if not any(p.is_file() for p in shipped):
-        pytest.skip(f"TODO: ship the example patch {name} at {shipped[0]} (trained on the bundled toy model)")
+    assert any(p.is_file() for p in shipped), f"the example patch {name} is missing from {shipped[0].parent}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class TrainSettings:
     flip_prob: float = 0.2
     threads: int = 1                # torch threads: 1 is fastest on a shared 2-core machine
     minutes: float = 0.0            # >0: stop the transformer stage after this wall time (still resumable)
-    extra: dict = field(default_factory=dict)
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
