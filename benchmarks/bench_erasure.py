@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--concepts", nargs="+", default=list(ANCHORS))
     p.add_argument("--methods", nargs="+", default=["svare", "vare", "esd"])
     p.add_argument("--no-joint", action="store_true", help="skip erasing all concepts in one run")
+    p.add_argument("--joint-only", action="store_true", help="only the run that erases all concepts together")
     p.add_argument("--seeds", type=int, default=4, help="samples per prompt in the evaluation")
     p.add_argument("--steps", type=int, default=100, help="erasure steps per concept")
     p.add_argument("--work", default="outputs/bench_erasure", help="folder for the patches")
@@ -72,7 +73,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toyworld")
     settings = sampler_defaults(base)
-    runs = [[c] for c in args.concepts] + ([] if args.no_joint or len(args.concepts) < 2 else [list(args.concepts)])
+    runs = ([] if args.joint_only else [[c] for c in args.concepts]) + \
+        ([] if args.no_joint or len(args.concepts) < 2 else [list(args.concepts)])
     rows = []
     for method in args.methods:
         for concepts in runs:

@@ -173,3 +173,14 @@ def test_evaluate_with_detector(tiny_pipeline, monkeypatch):
     monkeypatch.setattr("svare_core.safety.get_detector", lambda name, **kw: Always())
     flagged = evaluate_with_detector(tiny_pipeline, tiny_pipeline, "dog", prompts, detector="any", seeds=1)
     assert flagged["erasure_rate"] == 0.0 and flagged["unrelated_flag_rate_base"] == 1.0
+
+
+def test_accuracy_ignores_every_erased_value():
+    from svare_core.erasure.evaluate import PromptSpec, _accuracy
+
+    specs = [PromptSpec("a red star", {"colour": "red", "shape": "star"}),
+             PromptSpec("a green circle", {"colour": "green", "shape": "circle"})]
+    readings = [{"colour": "blue", "shape": "circle"}, {"colour": "green", "shape": "circle"}]
+    assert _accuracy(readings, specs, 1) == 0.5                               # red and star missed
+    assert _accuracy(readings, specs, 1, frozenset({"red"})) == 2 / 3         # star still counts
+    assert _accuracy(readings, specs, 1, frozenset({"red", "star"})) == 1.0   # both were erased
