@@ -90,10 +90,6 @@ class ErasureResult:
     peak_memory_mb: float | None = None
 
 
-def _prompt_batch(pipe: VARPipeline, prompts: list[str]):
-    return pipe.encode_prompts(prompts)
-
-
 def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None = None, *,
           preserve_prompts: list[str] | None = None, scales=None,
           callback: Callable[[TrainStep], None] | None = None) -> ErasureResult:

@@ -246,15 +246,4 @@ def block_causal_mask(scales, device=None) -> torch.Tensor:
     return (ids.view(-1, 1) >= ids.view(1, -1)).to(device)
 
 
-def ffn_dim_for(embed_dim: int, mlp_ratio: float = 4.0) -> int:
-    """Infinity's FFN width: mlp_ratio * C rounded to a multiple of 256."""
-    return int(round(embed_dim * mlp_ratio / 256) * 256) or 256
-
-
-def bits_logit_to_prob(logits: torch.Tensor) -> torch.Tensor:
-    """Probability of bit = 1 from (..., 2) logits."""
-    return torch.softmax(logits.float(), dim=-1)[..., 1]
-
-
-__all__ = ["Infinity", "InfinityConfig", "TextCondition", "block_causal_mask", "infinity_2b", "infinity_8b",
-           "ffn_dim_for", "bits_logit_to_prob"]
+__all__ = ["Infinity", "InfinityConfig", "TextCondition", "block_causal_mask", "infinity_2b", "infinity_8b"]

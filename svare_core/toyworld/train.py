@@ -24,6 +24,7 @@ from ..models.format import atomic_save_safetensors, load_unique_state_dict, sav
 from ..models.infinity import Infinity, InfinityConfig
 from ..models.text import TextEncoder, minilm_path
 from ..models.vae import BSQVAE, VAEConfig
+from ..erasure.losses import bit_losses
 from ..models.bitwise import quantize_multiscale
 from . import world
 
@@ -149,11 +150,6 @@ def scale_weights(scales) -> torch.Tensor:
     return w * (w.numel() / w.sum())
 
 
-def bitwise_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token, per-bit cross-entropy: logits (B, L, d, 2), labels (B, L, d) in {0, 1}."""
-    return F.cross_entropy(logits.flatten(0, 2), labels.long().flatten(), reduction="none").view(labels.shape)
-
-
 def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
     from safetensors.torch import load_file
     torch.manual_seed(s.seed)
@@ -186,7 +182,7 @@ def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
         drop = torch.rand(s.batch, generator=gen) < s.cond_drop
         feats = model.drop_condition(feats, mask, drop)
         logits = model(model.encode_text(feats, mask), x_in, TOY_SCALES)
-        loss = (bitwise_ce(logits, labels).mean(-1) * weights).mean()
+        loss = (bit_losses(logits, labels).mean(-1) * weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
