@@ -17,7 +17,7 @@ from .defaults import APPLY, ERASE, core_seed
 from .loaders import MODEL
 
 PATCH = "SVARE_ERASURE_PATCH"
-TRAINABLE = ("xattn_ffn", "xattn", "ffn", "lora")
+TRAINABLE = ("xattn_ffn", "xattn", "xattn_kv", "ffn", "lora")
 
 
 def describe(patch: ErasurePatch) -> str:
@@ -58,7 +58,8 @@ class EraseConcept:
                                         "round": False, "tooltip": "AdamW learning rate (Infinity-2B: about 2e-5)."}),
             "trainable": (list(TRAINABLE), {"default": d["trainable"],
                                             "tooltip": "Which weights learn: cross-attention and/or feed-forward "
-                                                       "layers, or LoRA adapters on the attention."}),
+                                                       "layers (xattn_kv: only the text side of cross-"
+                                                       "attention), or LoRA adapters on the attention."}),
             "lora_rank": ("INT", {"default": d["lora_rank"], "min": 1, "max": 128,
                                   "tooltip": "Rank of the LoRA adapters (only for trainable = lora)."}),
             "preservation_weight": ("FLOAT", {"default": d["preservation_weight"], "min": 0.0, "max": 10.0,

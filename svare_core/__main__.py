@@ -31,8 +31,8 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 # Training options of demo and erase (EraseConfig fields); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
-                 ("lora_targets", str), ("preservation_weight", float), ("teacher_cfg", float),
-                 ("token_error_rate", float))
+                 ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
+                 ("teacher_cfg", float), ("token_error_rate", float))
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:

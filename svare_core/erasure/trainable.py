@@ -17,6 +17,7 @@ from ..models.infinity import Infinity
 DENSE_SETS = {
     "xattn_ffn": r"block_chunks\.\d+\.module\.\d+\.(ca|ffn)\.",
     "xattn": r"block_chunks\.\d+\.module\.\d+\.ca\.",
+    "xattn_kv": r"block_chunks\.\d+\.module\.\d+\.ca\.(mat_kv\.|v_bias)",
     "ffn": r"block_chunks\.\d+\.module\.\d+\.ffn\.",
     "all_blocks": r"block_chunks\.",
 }

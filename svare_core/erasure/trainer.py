@@ -34,10 +34,11 @@ class EraseConfig:
     steps: int = 500
     lr: float = 2.3e-5
     pairs_per_step: int = 2
-    trainable: str = "xattn_ffn"          # xattn_ffn | xattn | ffn | all_blocks | lora
+    trainable: str = "xattn_ffn"          # xattn_ffn | xattn | xattn_kv | ffn | all_blocks | lora
     lora_rank: int = 4
     lora_targets: str = "attn"            # attn | xattn | xattn_out | attn_ffn
     preservation_weight: float = 0.5      # lambda of L_Pre
+    preserve_per_step: int = 1            # preservation prompts in each L_Pre step (besides the safe ones)
     bit_threshold: float = math.log(2)
     token_error_rate: float = 0.25
     supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
@@ -58,8 +59,8 @@ class EraseConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.steps < 1 or self.lr <= 0 or self.pairs_per_step < 1:
-            raise ValueError("steps, lr and pairs_per_step must be positive")
+        if self.steps < 1 or self.lr <= 0 or self.pairs_per_step < 1 or self.preserve_per_step < 0:
+            raise ValueError("steps, lr and pairs_per_step must be positive, preserve_per_step not negative")
         if self.supervised_scales not in ("all", "first"):
             raise ValueError(f"supervised_scales must be 'all' or 'first', got {self.supervised_scales!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -275,8 +276,9 @@ def _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, 
 
 def _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device):
     prompts = [p.safe for p in batch]
-    if preserve_prompts:
-        prompts += [preserve_prompts[int(torch.randint(len(preserve_prompts), (1,), generator=gen))]]
+    if preserve_prompts and cfg.preserve_per_step:
+        chosen = torch.randperm(len(preserve_prompts), generator=gen)[:cfg.preserve_per_step].tolist()
+        prompts += [preserve_prompts[i] for i in chosen]
     logits, target = _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, device)
     return cfg.preservation_weight * losses.preservation_kl(logits, target)
 
