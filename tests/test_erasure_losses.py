@@ -50,10 +50,10 @@ def test_keep_mask_threshold_is_a_quarter_of_the_bits():
 def test_a_bit_at_exactly_one_half_is_not_wrong():
     logits = torch.zeros(1, 1, 32, 2)                   # p(label) = 0.5 for every bit
     labels = torch.ones(1, 1, 32)
-    l = losses.bit_losses(logits, labels)
-    torch.testing.assert_close(l, torch.full_like(l, LN2))
-    assert not (l > LN2).any(), "the test is strict (>): a 50/50 bit is not wrong"
-    assert losses.keep_mask(l).item() == 0.0
+    per_bit = losses.bit_losses(logits, labels)
+    torch.testing.assert_close(per_bit, torch.full_like(per_bit, LN2))
+    assert not (per_bit > LN2).any(), "the test is strict (>): a 50/50 bit is not wrong"
+    assert losses.keep_mask(per_bit).item() == 0.0
     # ... and 8 wrong bits among 24 undecided ones still keep the token
     logits[0, 0, :8, 1] = -1.0
     assert losses.keep_mask(losses.bit_losses(logits, labels)).item() == 1.0

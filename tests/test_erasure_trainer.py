@@ -126,6 +126,39 @@ def test_lora_targets_pick_the_layers(tiny_pipeline):
     assert {n.rsplit(".", 2)[0] for n in patch.tensors} == {"block_chunks.0.module.0.ca.proj", "block_chunks.1.module.0.ca.proj"}
 
 
+@pytest.mark.parametrize("trainable, pattern", [("xattn", r".*\.ca\."), ("xattn_kv", r".*\.ca\.(mat_kv\.weight|v_bias)$")])
+def test_cross_attention_sets_train_only_their_tensors(tiny_pipeline, trainable, pattern):
+    patch = run(tiny_pipeline, trainable=trainable).patch
+    names = {n for n, _ in tiny_pipeline.transformer.named_parameters() if n.startswith("block_chunks.")}
+    expected = {n for n in names if re.match(pattern, n)}
+    assert expected and set(patch.tensors) == expected
+    if trainable == "xattn_kv":      # the text side only: queries and output projection stay
+        assert not any("mat_q" in n or "proj" in n for n in patch.tensors)
+    assert all(d.abs().max() > 0 for d in patch.tensors.values())
+
+
+def test_preserve_per_step_sets_the_preservation_batch(tiny_pipeline, monkeypatch):
+    batches = []
+    original = trainer._student_on_samples
+
+    def recording(pipe, student, prompts, *args, **kw):
+        batches.append(list(prompts))
+        return original(pipe, student, prompts, *args, **kw)
+
+    monkeypatch.setattr(trainer, "_student_on_samples", recording)
+    preserve = ["a green heart", "a yellow square", "a white circle"]
+    safe = [p.safe for p in PAIRS]
+    for k, expected_extra in ((0, 0), (2, 2), (5, 3)):
+        batches.clear()
+        erase(tiny_pipeline, PAIRS, EraseConfig(steps=2, lr=1e-3, preserve_per_step=k), preserve_prompts=preserve)
+        assert len(batches) == 2
+        for b in batches:
+            extra = [q for q in b if q not in safe]
+            assert len(b) == 2 + expected_extra and len(set(extra)) == expected_extra and set(extra) <= set(preserve)
+    with pytest.raises(ValueError, match="preserve_per_step"):
+        EraseConfig(preserve_per_step=-1).validate()
+
+
 def test_supervised_scales_first(tiny_pipeline):
     res = run(tiny_pipeline, supervised_scales="first", steps=3)
     # 2 pairs a step, one token at scale 0 each: the kept share is 0, 1/2 or 1

@@ -75,8 +75,8 @@ def test_clip_shapes_and_probabilities(tiny_clip):
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
     # score = probability mass of the concept prompts
     assert d.scores[0] == pytest.approx(probs["a photo of Van Gogh"] + probs["a painting in the style of Van Gogh"], abs=1e-6)
-    for s, l in zip(d.scores, d.labels):
-        assert l == (["Van Gogh"] if s >= 0.5 else [])
+    for s, labels in zip(d.scores, d.labels):
+        assert labels == (["Van Gogh"] if s >= 0.5 else [])
     # PIL input (different sizes) works and agrees with the tensor path
     pils = [Image.fromarray(a) for a in _images()]
     np.testing.assert_allclose(det.detect(pils, "Van Gogh").scores, d.scores, atol=1e-5)

@@ -42,7 +42,7 @@ def test_nudenet_astronaut_face_and_coffee_nothing_exposed(nudenet_detector, pho
     face = [x for x in d.details[0]["detections"] if x["class"] == "FACE_FEMALE"][0]
     x, y, w, h = face["box"]  # the face is in the upper middle of the 512x512 photo
     assert 120 < x + w / 2 < 320 and 60 < y + h / 2 < 220
-    assert not any(l.endswith("_EXPOSED") for l in d.labels[1])
+    assert not any(label.endswith("_EXPOSED") for label in d.labels[1])
     assert not any(x["class"].endswith("_EXPOSED") for x in d.details[1]["detections"])
     assert d.scores[1] == 0.0
     assert np.all((d.scores >= 0) & (d.scores <= 1))
@@ -69,7 +69,7 @@ def test_nudenet_float_input_equals_uint8_input(nudenet_detector, photos):
     d_f = nudenet_detector.detect(f)
     np.testing.assert_array_equal(d_u8.scores, d_f.scores)
     assert d_u8.labels == d_f.labels and d_u8.details == d_f.details
-    assert all("FACE_FEMALE" in l for l in d_f.labels)  # float did not silently give nothing
+    assert all("FACE_FEMALE" in labels for labels in d_f.labels)  # float did not silently give nothing
 
 
 def test_nudenet_concepts_and_cache(nudenet_detector, photos):
