@@ -32,12 +32,15 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 # Training options of demo and erase (EraseConfig fields); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
-                 ("teacher_cfg", float), ("token_error_rate", float))
+                 ("teacher_cfg", float), ("preserve_cfg", float), ("token_error_rate", float))
+
+
+ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts)"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
     for name, typ in ERASE_OPTIONS:
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=ERASE_HELP.get(name))
 
 
 def _load(args):
@@ -97,10 +100,14 @@ def _pairs_from_args(args):
     return build_pairs(args.concept, args.anchor, args.kind, (args.pairs or "").replace(";", "\n"))
 
 
-def _erase_config(args, pipe):
+def _erase_config(args, pipe, pairs=()):
     from .defaults import erase_defaults
 
     cfg = erase_defaults(pipe)
+    concepts = {p.concept for p in pairs if p.concept}
+    if len(concepts) > 1:
+        # The default budget is per concept: several concepts share the iterations of one run.
+        cfg = replace(cfg, steps=cfg.steps * len(concepts))
     for name in (*(opt for opt, _ in ERASE_OPTIONS), "seed"):
         v = getattr(args, name, None)
         if v is not None:
@@ -127,7 +134,7 @@ def cmd_erase(args) -> None:
 
     pipe = _load(args)
     pairs = _pairs_from_args(args)
-    cfg = _erase_config(args, pipe)
+    cfg = _erase_config(args, pipe, pairs)
     result = _run_erase(pipe, pairs, cfg, preserve_prompts_for(pairs, args.kind, args.preserve))
     result.patch.meta["metrics"]["train_seconds"] = round(result.seconds, 1)
     path = result.patch.save(args.out)

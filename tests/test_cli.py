@@ -116,6 +116,21 @@ def test_erase_with_explicit_pairs_and_options(model_file, tmp_path, capsys):
     assert len(ErasurePatch.load(tmp_path / "q.safetensors").meta["pairs"]) == 2
 
 
+def test_erase_default_steps_are_per_concept(tiny_pipeline):
+    from argparse import Namespace
+
+    from svare_core.__main__ import ERASE_OPTIONS, _erase_config
+    from svare_core.defaults import erase_defaults
+    from svare_core.erasure import build_pairs
+
+    unset = Namespace(**{name: None for name, _ in ERASE_OPTIONS}, seed=None)
+    one, two = build_pairs("red", "blue", "toy"), build_pairs(["red", "star"], ["blue", "circle"], "toy")
+    per_concept = erase_defaults(tiny_pipeline).steps
+    assert _erase_config(unset, tiny_pipeline, one).steps == per_concept
+    assert _erase_config(unset, tiny_pipeline, two).steps == 2 * per_concept
+    assert _erase_config(Namespace(**{**vars(unset), "steps": 7}), tiny_pipeline, two).steps == 7   # given: as is
+
+
 def test_erase_usage_errors(model_file, tmp_path):
     with pytest.raises(SystemExit, match="name the concept"):
         main(["erase", "--model", str(model_file), "--out", str(tmp_path / "x.safetensors")])

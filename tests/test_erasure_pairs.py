@@ -182,3 +182,35 @@ def test_joint_pairs_never_target_another_erased_concept():
         assert other not in p.safe.split(), p
     single = build_pairs("star", "circle", "toy")
     assert any("red" in p.safe.split() for p in single)  # alone, "a red star" -> "a red circle" is fine
+
+
+# -- default preservation prompts ----------------------------------------------------------------------
+@pytest.mark.parametrize("concept", ["red", "star", "striped"])
+def test_default_preserve_prompts_keep_the_rest_of_the_attribute(concept):
+    from svare_core.erasure.pairs import default_preserve_prompts
+
+    prompts = default_preserve_prompts(concept, "toy")
+    attribute = next(a for a, vs in world.VALUES.items() if concept in vs)
+    others = [a for a in ("shape", "colour", "style") if a != attribute]
+    named = [words(q) for q in prompts]
+    assert not any(concept in w for w in named), "a preservation prompt never asks for the erased concept"
+    for value in world.VALUES[attribute]:
+        if value != concept:
+            assert any(value in w for w in named), f"{value} is kept"
+    for other in others:          # both other attributes appear next to a kept value
+        assert any(words(world.full_caption(**{other: v})) & w - {"a", "an", "shape"} for v in world.VALUES[other]
+                   for w in named), other
+    assert default_preserve_prompts(concept, "object") == []
+
+
+def test_preserve_prompts_for_several_concepts_and_user_prompts():
+    from svare_core.erasure import build_pairs
+    from svare_core.erasure.pairs import preserve_prompts_for
+
+    pairs = build_pairs("red, star", "blue, circle", "toy")
+    prompts = preserve_prompts_for(pairs, "toy")
+    assert prompts and not any({"red", "star"} & words(q) for q in prompts), "none names an erased concept"
+    assert not set(prompts) & {p.unsafe for p in pairs}
+    assert len(set(prompts)) == len(prompts)
+    given = ["a green heart", "a green heart", "a dotted square"]
+    assert preserve_prompts_for(pairs, "toy", given) == ["a green heart", "a dotted square"]

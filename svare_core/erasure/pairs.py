@@ -166,20 +166,23 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
 def default_preserve_prompts(concept: str, kind: str) -> list[str]:
     """Prompts whose images must not change, when the user gives none.
 
-    For the toy world: the other values of the concept's attribute, alone and with each shape (or
-    colour), so the model keeps drawing "a green star" while "red" goes. For real-model kinds,
-    none: only the anchors are preserved unless the user names more.
+    For the toy world: the other values of the concept's attribute, alone and each with a value of
+    one of the two other attributes in turn, so the model keeps drawing "a green star" and "a dotted
+    blue shape" while "red" goes. For real-model kinds, none: only the anchors are preserved unless
+    the user names more.
     """
     if kind != "toy":
         return []
     from ..toyworld import world
 
     attribute = next(a for a, values in world.VALUES.items() if concept in values)
-    other = "shape" if attribute != "shape" else "colour"
+    others = [a for a in ("shape", "colour", "style") if a != attribute]
     prompts = []
     for i, value in enumerate(v for v in world.VALUES[attribute] if v != concept):
+        other = others[i % 2]
+        with_other = world.VALUES[other][(i // 2) % len(world.VALUES[other])]
         prompts.append(world.full_caption(**{attribute: value}))
-        prompts.append(world.full_caption(**{attribute: value, other: world.VALUES[other][i % len(world.VALUES[other])]}))
+        prompts.append(world.full_caption(**{attribute: value, other: with_other}))
     return prompts
 
 

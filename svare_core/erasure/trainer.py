@@ -43,6 +43,7 @@ class EraseConfig:
     token_error_rate: float = 0.25
     supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
     teacher_cfg: float = 4.0              # CFG of the frozen teacher (auxiliary tokens and L_Pre)
+    preserve_cfg: float | None = None     # CFG of L_Pre's teacher alone (None: teacher_cfg, as the paper)
     teacher_tau: float = 1.0
     aux_top_p: float = 0.97
     aux_samples: int = 1                  # auxiliary images per safe prompt
@@ -61,6 +62,8 @@ class EraseConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.steps < 1 or self.lr <= 0 or self.pairs_per_step < 1 or self.preserve_per_step < 0:
             raise ValueError("steps, lr and pairs_per_step must be positive, preserve_per_step not negative")
+        if self.preserve_cfg is not None and self.preserve_cfg <= 0:
+            raise ValueError(f"preserve_cfg must be positive (1 = no guidance) or None, got {self.preserve_cfg}")
         if self.supervised_scales not in ("all", "first"):
             raise ValueError(f"supervised_scales must be 'all' or 'first', got {self.supervised_scales!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -98,7 +101,9 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     cfg = config or EraseConfig()
     cfg.validate()
     pairs = validate_pairs(list(pairs))
-    preserve_prompts = list(dict.fromkeys(preserve_prompts or []))
+    preserving = cfg.method == "svare" and cfg.preservation_weight > 0
+    # Only L_Pre reads the preservation prompts: the baselines need no targets drawn for them.
+    preserve_prompts = list(dict.fromkeys(preserve_prompts or [])) if preserving else []
     scales = [tuple(s) for s in (scales or pipe.default_scales("1:1", "0.06M"))]
     device = pipe.transformer.device
     torch.manual_seed(cfg.seed)
@@ -125,7 +130,8 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
         token_mask = _token_mask(scales, cfg.supervised_scales, device)
-        teacher = _teacher_targets(pipe, frozen, pairs, preserve_prompts, aux, scales, cfg) if cfg.method != "vare" else {}
+        teacher = _teacher_targets(pipe, frozen, pairs, preserve_prompts, aux, scales, cfg) \
+            if preserving or cfg.method == "esd" else {}
 
         history, bad = [], 0
         order = torch.randperm(len(pairs), generator=gen).tolist()
@@ -151,7 +157,7 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
                     loss = losses.plain_ce(logits, y, token_mask=token_mask)
                 ok = _optimizer_step(loss, params, opt, cfg)
                 rec["erase"] = loss.item()
-                if cfg.method == "svare" and cfg.preservation_weight > 0:
+                if preserving:
                     pre = _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device)
                     ok = _optimizer_step(pre, params, opt, cfg) and ok
                     rec["preserve"] = pre.item()
@@ -259,7 +265,8 @@ def _teacher_targets(pipe, frozen, pairs, preserve_prompts, aux: dict[str, AuxTo
         return out
     for p in dict.fromkeys([p.safe for p in pairs] + preserve_prompts):
         x = aux[p].inputs.to(device)
-        out[p] = _guided(pipe, frozen, [p] * len(x), x, scales, cfg.teacher_cfg, cfg.teacher_tau).cpu()
+        guidance = cfg.teacher_cfg if cfg.preserve_cfg is None else cfg.preserve_cfg
+        out[p] = _guided(pipe, frozen, [p] * len(x), x, scales, guidance, cfg.teacher_tau).cpu()
     return out
 
 
