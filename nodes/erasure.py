@@ -53,8 +53,9 @@ class EraseConcept:
                                             "When given, they replace the templates."}),
             "method": (list(METHODS), {"default": d["method"], "tooltip": "svare: filtered CE + preservation "
                                        "(the paper's method); vare: plain CE; esd: ESD on the logits."}),
-            "steps": ("INT", {"default": d["steps"], "min": 1, "max": 100000, "tooltip": "Training iterations in all. The toy model "
-                              "needs about 200 per concept: 600 for three concepts in one node."}),
+            "steps": ("INT", {"default": d["steps"], "min": 1, "max": 100000,
+                              "tooltip": "Training iterations in all. The toy model needs about 200 per "
+                                         "concept: 600 for three concepts in one node."}),
             "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 1e-7, "max": 1e-2, "step": 1e-6,
                                         "round": False, "tooltip": "AdamW learning rate (Infinity-2B: about 2e-5)."}),
             "trainable": (list(TRAINABLE), {"default": d["trainable"],

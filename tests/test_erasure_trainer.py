@@ -204,52 +204,46 @@ def test_svare_steps_twice_per_iteration(tiny_pipeline, monkeypatch, method, wei
         assert [h["preserve"] for h in res.history] == pytest.approx([s.item() for s in seen[1::2]])
 
 
-def test_preservation_uses_the_preserve_prompts(tiny_pipeline, monkeypatch):
-    asked = []
+@pytest.fixture()
+def drawn(monkeypatch):
+    """What the frozen model is asked to draw auxiliary tokens for: prompts, and the CFG of each call."""
+    seen = {"prompts": [], "cfg": []}
     original = tokens_module.generate
 
-    def recording(pipe, prompts, **kw):
-        asked.extend(prompts)
-        return original(pipe, prompts, **kw)
+    def recording(pipe, prompts, settings, **kw):
+        seen["prompts"].extend(prompts)
+        seen["cfg"].append(settings.cfg)
+        return original(pipe, prompts, settings=settings, **kw)
 
     monkeypatch.setattr(tokens_module, "generate", recording)
+    return seen
+
+
+def test_preservation_uses_the_preserve_prompts(tiny_pipeline, drawn):
     res = erase(tiny_pipeline, PAIRS, EraseConfig(steps=2, lr=1e-3), preserve_prompts=["a green heart", "a green heart"])
-    assert sorted(asked) == sorted([p.safe for p in PAIRS] + ["a green heart"])
+    assert sorted(drawn["prompts"]) == sorted([p.safe for p in PAIRS] + ["a green heart"])
     assert res.patch.meta["preserve_prompts"] == ["a green heart"]
 
 
 @pytest.mark.parametrize("preserve_cfg, expected", [(None, 3.0), (1.0, 1.0), (2.5, 2.5)])
-def test_preserve_cfg_sets_only_the_preservation_teacher(tiny_pipeline, monkeypatch, preserve_cfg, expected):
-    guidance, aux_cfg = [], []
-    original_guided, original_generate = trainer._guided, tokens_module.generate
+def test_preserve_cfg_sets_only_the_preservation_teacher(tiny_pipeline, monkeypatch, drawn, preserve_cfg, expected):
+    guidance = []
+    original = trainer._guided
 
     def guided(pipe, model, prompts, x, scales, cfg_scale, tau):
         guidance.append(cfg_scale)
-        return original_guided(pipe, model, prompts, x, scales, cfg_scale, tau)
-
-    def generate(pipe, prompts, settings, **kw):
-        aux_cfg.append(settings.cfg)
-        return original_generate(pipe, prompts, settings=settings, **kw)
+        return original(pipe, model, prompts, x, scales, cfg_scale, tau)
 
     monkeypatch.setattr(trainer, "_guided", guided)
-    monkeypatch.setattr(tokens_module, "generate", generate)
     run(tiny_pipeline, teacher_cfg=3.0, preserve_cfg=preserve_cfg)
     assert guidance and set(guidance) == {expected}
-    assert aux_cfg and set(aux_cfg) == {3.0}, "the auxiliary tokens keep the teacher's CFG"
+    assert drawn["cfg"] and set(drawn["cfg"]) == {3.0}, "the auxiliary tokens keep the teacher's CFG"
 
 
 @pytest.mark.parametrize("kw", [{"method": "vare"}, {"method": "svare", "preservation_weight": 0.0}])
-def test_no_preservation_targets_without_the_preservation_loss(tiny_pipeline, monkeypatch, kw):
-    asked = []
-    original = tokens_module.generate
-
-    def recording(pipe, prompts, **k):
-        asked.extend(prompts)
-        return original(pipe, prompts, **k)
-
-    monkeypatch.setattr(tokens_module, "generate", recording)
+def test_no_preservation_targets_without_the_preservation_loss(tiny_pipeline, drawn, kw):
     res = erase(tiny_pipeline, PAIRS, EraseConfig(steps=2, lr=1e-3, **kw), preserve_prompts=["a green heart"])
-    assert sorted(asked) == sorted(p.safe for p in PAIRS)
+    assert sorted(drawn["prompts"]) == sorted(p.safe for p in PAIRS)
     assert res.patch.meta["preserve_prompts"] == []
 
 

@@ -263,9 +263,9 @@ def _teacher_targets(pipe, frozen, pairs, preserve_prompts, aux: dict[str, AuxTo
             empty = frozen(frozen.encode_text(frozen.uncond_features(mask), mask), x, scales)
             out[p] = losses.esd_target(empty, concept, cfg.esd_eta).cpu()
         return out
+    guidance = cfg.teacher_cfg if cfg.preserve_cfg is None else cfg.preserve_cfg
     for p in dict.fromkeys([p.safe for p in pairs] + preserve_prompts):
         x = aux[p].inputs.to(device)
-        guidance = cfg.teacher_cfg if cfg.preserve_cfg is None else cfg.preserve_cfg
         out[p] = _guided(pipe, frozen, [p] * len(x), x, scales, guidance, cfg.teacher_tau).cpu()
     return out
 
