@@ -19,7 +19,7 @@ $(BIN)/.dev-ready: $(BIN)/.ready requirements-dev.txt
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: venv demo test
+.PHONY: venv demo test lint
 venv: $(BIN)/.ready
 
 demo: $(BIN)/.ready
@@ -27,3 +27,7 @@ demo: $(BIN)/.ready
 
 test: $(BIN)/.dev-ready
 	$(BIN)/python -m pytest -q tests
+
+lint: $(BIN)/.ready
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check .
