@@ -29,5 +29,5 @@ test: $(BIN)/.dev-ready
 	$(BIN)/python -m pytest -q tests
 
 lint: $(BIN)/.ready
-	$(BIN)/pip install -q ruff
+	$(BIN)/pip install -q ruff==0.17.6
 	$(BIN)/ruff check .

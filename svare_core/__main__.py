@@ -35,7 +35,7 @@ ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", s
                  ("teacher_cfg", float), ("preserve_cfg", float), ("token_error_rate", float))
 
 
-ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts)"}
+ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
@@ -94,9 +94,12 @@ def cmd_sample(args) -> None:
 
 def _pairs_from_args(args):
     from .erasure import build_pairs, load_pairs, validate_pairs
+    from .erasure.pairs import name_concepts
 
     if args.pairs and Path(args.pairs).is_file():
-        return validate_pairs(load_pairs(args.pairs, args.concept[0] if len(args.concept) == 1 else None))
+        if len(args.concept) == 1:
+            return validate_pairs(load_pairs(args.pairs, args.concept[0]))
+        return validate_pairs(name_concepts(load_pairs(args.pairs), args.concept))
     return build_pairs(args.concept, args.anchor, args.kind, (args.pairs or "").replace(";", "\n"))
 
 

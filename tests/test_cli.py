@@ -116,10 +116,10 @@ def test_erase_with_explicit_pairs_and_options(model_file, tmp_path, capsys):
     assert len(ErasurePatch.load(tmp_path / "q.safetensors").meta["pairs"]) == 2
 
 
-def test_erase_default_steps_are_per_concept(tiny_pipeline):
+def test_erase_default_steps_are_per_concept(tiny_pipeline, tmp_path):
     from argparse import Namespace
 
-    from svare_core.__main__ import ERASE_OPTIONS, _erase_config
+    from svare_core.__main__ import ERASE_OPTIONS, _erase_config, _pairs_from_args
     from svare_core.defaults import erase_defaults
     from svare_core.erasure import build_pairs
 
@@ -129,6 +129,12 @@ def test_erase_default_steps_are_per_concept(tiny_pipeline):
     assert _erase_config(unset, tiny_pipeline, one).steps == per_concept
     assert _erase_config(unset, tiny_pipeline, two).steps == 2 * per_concept
     assert _erase_config(Namespace(**{**vars(unset), "steps": 7}), tiny_pipeline, two).steps == 7   # given: as is
+    # a pairs file with several concepts: each pair is tagged with the concept it names
+    path = tmp_path / "pairs.txt"
+    path.write_text("a red heart => a blue heart\na star => a circle\n")
+    from_file = _pairs_from_args(Namespace(pairs=str(path), concept=["red", "star"], anchor=[], kind="toy"))
+    assert [p.concept for p in from_file] == ["red", "star"]
+    assert _erase_config(unset, tiny_pipeline, from_file).steps == 2 * per_concept
 
 
 def test_erase_usage_errors(model_file, tmp_path):

@@ -240,7 +240,8 @@ def test_preserve_cfg_sets_only_the_preservation_teacher(tiny_pipeline, monkeypa
     assert drawn["cfg"] and set(drawn["cfg"]) == {3.0}, "the auxiliary tokens keep the teacher's CFG"
 
 
-@pytest.mark.parametrize("kw", [{"method": "vare"}, {"method": "svare", "preservation_weight": 0.0}])
+@pytest.mark.parametrize("kw", [{"method": "vare"}, {"method": "svare", "preservation_weight": 0.0},
+                                {"method": "svare", "preserve_per_step": 0}])
 def test_no_preservation_targets_without_the_preservation_loss(tiny_pipeline, drawn, kw):
     res = erase(tiny_pipeline, PAIRS, EraseConfig(steps=2, lr=1e-3, **kw), preserve_prompts=["a green heart"])
     assert sorted(drawn["prompts"]) == sorted(p.safe for p in PAIRS)

@@ -117,8 +117,8 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
     """The erasure report for toy-world concepts (see the module docstring)."""
     settings = settings or SamplerSettings()
     oracle = Oracle()
-    report = {"concepts": {}, "settings": {"seeds_per_prompt": seeds, "cfg": settings.cfg, "tau": settings.tau,
-                                           "top_p": settings.top_p}}
+    report = {"concepts": {}, "settings": {"seeds_per_prompt": seeds, "first_seed": seed, "cfg": settings.cfg,
+                                           "tau": settings.tau, "top_p": settings.top_p}}
     unrelated = unrelated_prompts(concepts)
     base_u = _generate(base, unrelated, seeds, settings, seed)
     erased_u = _generate(erased, unrelated, seeds, settings, seed)

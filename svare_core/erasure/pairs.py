@@ -142,6 +142,12 @@ def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:
     return unique
 
 
+def name_concepts(pairs: list[PromptPair], concepts: list[str]) -> list[PromptPair]:
+    """Tag each untagged pair with the first of ``concepts`` its unsafe prompt names."""
+    return [p if p.concept else PromptPair(p.unsafe, p.safe, next((c for c in concepts if _mentions(p.unsafe, c)), ""))
+            for p in pairs]
+
+
 def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = None, kind: str = "object",
                 pairs_text: str = "") -> list[PromptPair]:
     """Pairs as users describe them: explicit "unsafe => safe" lines win over templates; else one
@@ -149,8 +155,7 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
     split = lambda v: [x.strip() for x in (v.split(",") if isinstance(v, str) else v or []) if x and x.strip()]  # noqa: E731
     concepts, anchors = split(concepts), split(anchors)
     if pairs_text.strip():
-        named = lambda prompt: next((c for c in concepts if _mentions(prompt, c)), "")  # noqa: E731
-        return validate_pairs([PromptPair(p.unsafe, p.safe, named(p.unsafe)) for p in parse_pairs(pairs_text)])
+        return validate_pairs(name_concepts(parse_pairs(pairs_text), concepts))
     if not concepts:
         raise ValueError("name the concept to erase (or write prompt pairs 'unsafe => safe')")
     if len(anchors) > 1 and len(anchors) != len(concepts):

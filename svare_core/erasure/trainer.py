@@ -42,7 +42,7 @@ class EraseConfig:
     bit_threshold: float = math.log(2)
     token_error_rate: float = 0.25
     supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
-    teacher_cfg: float = 4.0              # CFG of the frozen teacher (auxiliary tokens and L_Pre)
+    teacher_cfg: float = 4.0              # CFG of the frozen teacher (auxiliary tokens; L_Pre unless preserve_cfg)
     preserve_cfg: float | None = None     # CFG of L_Pre's teacher alone (None: teacher_cfg, as the paper)
     teacher_tau: float = 1.0
     aux_top_p: float = 0.97
@@ -102,8 +102,8 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     cfg.validate()
     pairs = validate_pairs(list(pairs))
     preserving = cfg.method == "svare" and cfg.preservation_weight > 0
-    # Only L_Pre reads the preservation prompts: the baselines need no targets drawn for them.
-    preserve_prompts = list(dict.fromkeys(preserve_prompts or [])) if preserving else []
+    # Only L_Pre reads the preservation prompts: without it (or with none a step) they need no targets.
+    preserve_prompts = list(dict.fromkeys(preserve_prompts or [])) if preserving and cfg.preserve_per_step else []
     scales = [tuple(s) for s in (scales or pipe.default_scales("1:1", "0.06M"))]
     device = pipe.transformer.device
     torch.manual_seed(cfg.seed)
