@@ -42,8 +42,10 @@ def test_expand_default_anchors_and_whitespace():
 
 def test_expand_toy_red_to_blue():
     pairs = expand_concept("red", "blue", "toy")
-    # the concept alone, with every shape, with every style
-    assert len(pairs) == 1 + len(world.SHAPES) + len(world.STYLES)
+    # the concept alone, with every shape, with every style, and one full scene per shape
+    assert len(pairs) == 1 + len(world.SHAPES) + len(world.STYLES) + len(world.SHAPES)
+    full = [p for p in pairs if "background" in p.unsafe]
+    assert len(full) == len(world.SHAPES) and all(len(words(p.unsafe) & set(world.STYLES)) == 1 for p in full)
     assert len(set(pairs)) == len(pairs)
     for p in pairs:
         assert p.concept == "red"
@@ -58,7 +60,7 @@ def test_expand_toy_red_to_blue():
 
 def test_expand_toy_shape_concept():
     pairs = expand_concept("star", "circle", "toy")
-    assert len(pairs) == 1 + len(world.COLOURS) + len(world.STYLES)
+    assert len(pairs) == 1 + len(world.COLOURS) + len(world.STYLES) + len(world.COLOURS)
     for p in pairs:
         assert p.safe == p.unsafe.replace("star", "circle")
         assert "star" in words(p.unsafe)
@@ -214,3 +216,17 @@ def test_preserve_prompts_for_several_concepts_and_user_prompts():
     assert len(set(prompts)) == len(prompts)
     given = ["a green heart", "a green heart", "a dotted square"]
     assert preserve_prompts_for(pairs, "toy", given) == ["a green heart", "a dotted square"]
+
+
+@pytest.mark.parametrize("concept, anchor", [("red", "blue"), ("star", "circle"), ("striped", "solid")])
+def test_unseen_evaluation_prompts_are_never_trained_on(concept, anchor):
+    from svare_core.erasure.evaluate import unseen_prompts
+
+    trained = {p.unsafe for p in expand_concept(concept, anchor, "toy")}
+    unseen = unseen_prompts(concept)
+    assert len(unseen) == 12 and len({u.prompt for u in unseen}) == 12
+    for u in unseen:
+        assert u.prompt not in trained and concept in words(u.prompt)
+        assert set(u.wanted) == {"shape", "colour", "style", "background"}
+    # the training pairs do name some fully specified scenes: the evaluation excludes exactly those
+    assert any("background" in t for t in trained)

@@ -7,7 +7,8 @@ On the toy world the oracle knows what every image shows, so each number is exac
 - distribution shift: Frechet distance between base and erased images' oracle features on
   unrelated prompts
 - diversity: mean pairwise pixel distance between seeds of one prompt, erased / base
-- robustness: the erasure rate on prompts that paraphrase the concept (synonyms never trained on)
+- robustness: the erasure rate on prompts that paraphrase the concept (synonyms never trained on),
+  and on fully specified prompts (every attribute and the background) that no training pair names
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings, generate
 from ..toyworld import world
 from ..toyworld.oracle import Oracle, attribute_of
-from .pairs import _mentions
+from .pairs import _mentions, toy_training_scenes
 
 
 @dataclass
@@ -54,6 +55,21 @@ def paraphrase_prompts(concept: str) -> list[PromptSpec]:
             caption = world.paraphrase_caption(**spec.wanted, attribute=attr, synonym_index=i)
             out.append(PromptSpec(caption, spec.wanted))
     return out
+
+
+def unseen_prompts(concept: str, limit: int = 12) -> list[PromptSpec]:
+    """Fully specified prompts asking for the concept ("a dotted red star on a gray background") in
+    scenes that no training pair names: a fixed random ``limit`` of them."""
+    attr = attribute_of(concept)
+    if attr == "background":
+        return []
+    others = [a for a in ("shape", "colour", "style") if a != attr]
+    trained = [dict(s) for s in toy_training_scenes(attr)]
+    scenes = [dict(zip((*others, "background"), combo))
+              for combo in itertools.product(world.VALUES[others[0]], world.VALUES[others[1]], world.VALUES["background"])]
+    scenes = [s for s in scenes if s not in trained]
+    picked = sorted(np.random.default_rng(0).choice(len(scenes), size=min(limit, len(scenes)), replace=False))
+    return [_spec(**{attr: concept}, **scenes[i]) for i in picked]
 
 
 def unrelated_prompts(concepts: list[str]) -> list[PromptSpec]:
@@ -136,12 +152,14 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
     report["unrelated"] = shared
     for concept in concepts:
         attr = attribute_of(concept)
-        specs, para = concept_prompts(concept), paraphrase_prompts(concept)
+        specs, para, unseen = concept_prompts(concept), paraphrase_prompts(concept), unseen_prompts(concept)
         base_c = _generate(base, specs, seeds, settings, seed)
         erased_c = _generate(erased, specs, seeds, settings, seed)
         erased_p = _generate(erased, para, max(1, seeds // 2), settings, seed)
         base_p = _generate(base, para, max(1, seeds // 2), settings, seed)
         rb, re_, rp, rbp = oracle.read(base_c), oracle.read(erased_c), oracle.read(erased_p), oracle.read(base_p)
+        ru = oracle.read(_generate(erased, unseen, seeds, settings, seed)) if unseen else []
+        rbu = oracle.read(_generate(base, unseen, seeds, settings, seed)) if unseen else []
         absent = lambda rs: float(np.mean([r[attr] != concept for r in rs]))  # noqa: E731
         # Other attributes only; with several concepts erased at once, "a red star" no longer has to
         # show a star either.
@@ -152,6 +170,9 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
             "attribute": attr,
             "erasure_rate": absent(re_), "base_absent_rate": absent(rb),
             "paraphrase_erasure_rate": absent(rp), "paraphrase_base_absent_rate": absent(rbp),
+            "unseen_prompt_erasure_rate": absent(ru) if unseen else None,
+            "unseen_prompt_base_absent_rate": absent(rbu) if unseen else None,
+            "num_unseen_prompt_images": len(ru),
             "other_attributes_accuracy_base": acc_b, "other_attributes_accuracy_erased": acc_e,
             "preservation_on_concept_prompts": acc_e / max(acc_b, 1e-9),
             "drawn_instead": _histogram([r[attr] for r in re_]),

@@ -44,8 +44,20 @@ def _mentions(prompt: str, concept: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(concept.lower())}(?!\w)", prompt.lower()) is not None
 
 
+def toy_training_scenes(attribute: str) -> list[dict[str, str]]:
+    """The fully specified scenes (every other attribute and the background) that toy pairs name:
+    one per value of the first other attribute, the rest cycled. Evaluation holds the others out."""
+    from ..toyworld import world
+
+    others = [a for a in ("shape", "colour", "style") if a != attribute]
+    first, second, backgrounds = (world.VALUES[others[0]], world.VALUES[others[1]], world.VALUES["background"])
+    return [{others[0]: v, others[1]: second[i % len(second)], "background": backgrounds[i % len(backgrounds)]}
+            for i, v in enumerate(first)]
+
+
 def toy_pairs(concept: str, anchor: str) -> list[PromptPair]:
-    """Pairs for a toy-world attribute value: every combination of the other attributes."""
+    """Pairs for a toy-world attribute value: the value alone, with each value of one other
+    attribute, and in a few fully specified scenes (so long prompts learn it too)."""
     from ..toyworld import world
 
     attribute = next((a for a, values in world.VALUES.items() if concept in values), None)
@@ -55,14 +67,11 @@ def toy_pairs(concept: str, anchor: str) -> list[PromptPair]:
     if anchor not in world.VALUES[attribute]:
         raise ValueError(f"anchor {anchor!r} must be another {attribute} of the toy world: {world.VALUES[attribute]}")
     others = [a for a in ("shape", "colour", "style") if a != attribute]
-    pairs = [PromptPair(world.full_caption(**{attribute: concept}), world.full_caption(**{attribute: anchor}), concept)]
-    for first in world.VALUES[others[0]]:
-        pairs.append(PromptPair(world.full_caption(**{attribute: concept, others[0]: first}),
-                                world.full_caption(**{attribute: anchor, others[0]: first}), concept))
-    for second in world.VALUES[others[1]]:
-        pairs.append(PromptPair(world.full_caption(**{attribute: concept, others[1]: second}),
-                                world.full_caption(**{attribute: anchor, others[1]: second}), concept))
-    return pairs
+    scenes = [{}] + [{others[0]: v} for v in world.VALUES[others[0]]] + [{others[1]: v} for v in world.VALUES[others[1]]]
+    if attribute != "background":
+        scenes += toy_training_scenes(attribute)
+    return [PromptPair(world.full_caption(**{attribute: concept}, **scene), world.full_caption(**{attribute: anchor}, **scene),
+                       concept) for scene in scenes]
 
 
 def template_prompts(concept: str, kind: str = "object") -> list[str]:
