@@ -101,7 +101,8 @@ class EraseConcept:
 
 class ApplyErasurePatch:
     DESCRIPTION = ("Apply an erasure patch to a model, with a strength. Returns a new model; the input is not "
-                   "changed. Chain several to erase several concepts.")
+                   "changed. Chain several to stack patches; patches trained separately interfere, so to erase "
+                   "several concepts, name them all in one Erase Concept node.")
     CATEGORY = "svare/erasure"
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("model",)
