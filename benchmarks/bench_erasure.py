@@ -106,9 +106,9 @@ def main() -> None:
 
 def write_table(rows: list[dict], out: str | None) -> None:
     lines = ["| concept(s) | method | erasure rate | erasure (unseen prompts) | paraphrase erasure | "
-             "preservation (concept prompts) | preservation (unrelated) | FD (oracle features) | diversity ratio | "
+             "preservation (concept prompts) | preservation (unseen prompts) | preservation (unrelated) | FD (oracle features) | diversity ratio | "
              "time (s) | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rep, u = r["report"], r["report"]["unrelated"]
         for c in r["concepts"]:
@@ -117,8 +117,10 @@ def write_table(rows: list[dict], out: str | None) -> None:
             label = f"{'+'.join(r['concepts'])} : {c}" if len(r["concepts"]) > 1 else c
             unseen = k.get("unseen_prompt_erasure_rate")
             unseen = "-" if unseen is None else f"{unseen:.1%}"
+            unseen_kept = k.get("preservation_on_unseen_prompts")
+            unseen_kept = "-" if unseen_kept is None else f"{unseen_kept:.1%}"
             lines.append(f"| {label} | {r['method']} | {k['erasure_rate']:.1%} | {unseen} | {k['paraphrase_erasure_rate']:.1%} "
-                         f"| {k['preservation_on_concept_prompts']:.1%} | {u['preservation_unrelated']:.1%} "
+                         f"| {k['preservation_on_concept_prompts']:.1%} | {unseen_kept} | {u['preservation_unrelated']:.1%} "
                          f"| {u['frechet_oracle_features']:.3f} | {div} | {r['seconds']:.0f} "
                          f"| {r['peak_rss_mb']:.0f} |")
     table = "\n".join(lines)

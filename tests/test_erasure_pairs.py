@@ -42,10 +42,13 @@ def test_expand_default_anchors_and_whitespace():
 
 def test_expand_toy_red_to_blue():
     pairs = expand_concept("red", "blue", "toy")
-    # the concept alone, with every shape, with every style, and one full scene per shape
-    assert len(pairs) == 1 + len(world.SHAPES) + len(world.STYLES) + len(world.SHAPES)
+    # the concept alone, with every shape, with every style, and half of the shape x style scenes
+    scenes = (len(world.SHAPES) * len(world.STYLES) + 1) // 2
+    assert len(pairs) == 1 + len(world.SHAPES) + len(world.STYLES) + scenes
     full = [p for p in pairs if "background" in p.unsafe]
-    assert len(full) == len(world.SHAPES) and all(len(words(p.unsafe) & set(world.STYLES)) == 1 for p in full)
+    assert len(full) == scenes and all(len(words(p.unsafe) & set(world.STYLES)) == 1 for p in full)
+    for value in (*world.SHAPES, *world.STYLES, *world.BACKGROUNDS):   # each value in at least two scenes
+        assert sum(value in words(p.unsafe) for p in full) >= 2, value
     assert len(set(pairs)) == len(pairs)
     for p in pairs:
         assert p.concept == "red"
@@ -60,7 +63,7 @@ def test_expand_toy_red_to_blue():
 
 def test_expand_toy_shape_concept():
     pairs = expand_concept("star", "circle", "toy")
-    assert len(pairs) == 1 + len(world.COLOURS) + len(world.STYLES) + len(world.COLOURS)
+    assert len(pairs) == 1 + len(world.COLOURS) + len(world.STYLES) + (len(world.COLOURS) * len(world.STYLES) + 1) // 2
     for p in pairs:
         assert p.safe == p.unsafe.replace("star", "circle")
         assert "star" in words(p.unsafe)
@@ -174,16 +177,27 @@ def test_validate_drops_duplicates_with_a_warning():
         assert validate_pairs(pairs[:2]) == pairs[:2]   # no warning without duplicates
 
 
-def test_joint_pairs_never_target_another_erased_concept():
+def test_joint_pairs_swap_every_erased_concept_for_its_anchor():
     from svare_core.erasure import build_pairs
 
     pairs = build_pairs("red, star", "blue, circle", "toy")
     assert {p.concept for p in pairs} == {"red", "star"}
     for p in pairs:
-        other = "star" if p.concept == "red" else "red"
-        assert other not in p.safe.split(), p
+        assert not {"red", "star"} & words(p.safe), p       # the target never shows an erased concept
+    safe_of = {p.unsafe: p.safe for p in pairs}
+    assert safe_of["a red star"] == "a blue circle"          # both swapped, one pair (not one per concept)
+    assert [p.unsafe for p in pairs].count("a red star") == 1
+    assert safe_of["an orange star"] == "an orange circle"
     single = build_pairs("star", "circle", "toy")
     assert any("red" in p.safe.split() for p in single)  # alone, "a red star" -> "a red circle" is fine
+
+
+def test_substitute_swaps_whole_words_and_fixes_the_article():
+    from svare_core.erasure.pairs import substitute
+
+    assert substitute("An orange star on an orange background", "orange", "blue") == "A blue star on a blue background"
+    assert substitute("a red star", "red", "orange") == "an orange star"
+    assert substitute("a starfish and a star", "star", "circle") == "a starfish and a circle"
 
 
 # -- default preservation prompts ----------------------------------------------------------------------
@@ -228,5 +242,8 @@ def test_unseen_evaluation_prompts_are_never_trained_on(concept, anchor):
     for u in unseen:
         assert u.prompt not in trained and concept in words(u.prompt)
         assert set(u.wanted) == {"shape", "colour", "style", "background"}
-    # the training pairs do name some fully specified scenes: the evaluation excludes exactly those
-    assert any("background" in t for t in trained)
+    # the training pairs do name some fully specified scenes, and no unseen prompt shares their
+    # combination of the other attributes, whatever the background
+    strip = lambda prompt: prompt.split(" on a ")[0]  # noqa: E731
+    assert sum("background" in t for t in trained) >= 10
+    assert not {strip(u.prompt) for u in unseen} & {strip(t) for t in trained}

@@ -12,7 +12,7 @@ import torch
 
 from svare_core.erasure import ErasurePatch, apply_patch
 from svare_core.erasure.evaluate import (_diversity, _frechet, concept_prompts, evaluate_toy, paraphrase_prompts,
-                                         quality_toy, unrelated_prompts)
+                                         quality_toy, unrelated_prompts, unseen_prompts)
 from svare_core.toyworld import world
 
 ALL_VALUES = [v for a in ("shape", "colour", "style") for v in world.VALUES[a]]
@@ -122,8 +122,11 @@ def test_evaluate_toy_report_structure(tiny_pipeline):
         c = report["concepts"][concept]
         assert c["attribute"] == attr
         for key in ("erasure_rate", "base_absent_rate", "paraphrase_erasure_rate", "paraphrase_base_absent_rate",
-                    "other_attributes_accuracy_base", "other_attributes_accuracy_erased"):
+                    "other_attributes_accuracy_base", "other_attributes_accuracy_erased",
+                    "unseen_prompt_erasure_rate", "unseen_prompt_base_absent_rate"):
             assert 0 <= c[key] <= 1, key
+        assert c["num_unseen_prompt_images"] == len(unseen_prompts(concept)) == 12
+        assert c["preservation_on_unseen_prompts"] >= 0
         assert c["num_images"] == len(concept_prompts(concept))
         assert c["num_paraphrase_images"] == len(paraphrase_prompts(concept))
         assert sum(c["drawn_instead"].values()) == pytest.approx(1.0, abs=0.01)
@@ -134,6 +137,7 @@ def test_evaluate_toy_report_structure(tiny_pipeline):
     c = same["concepts"]["red"]
     assert c["erasure_rate"] == c["base_absent_rate"]
     assert c["other_attributes_accuracy_erased"] == c["other_attributes_accuracy_base"]
+    assert c["unseen_prompt_erasure_rate"] == c["unseen_prompt_base_absent_rate"]
     assert same["unrelated"]["frechet_oracle_features"] == pytest.approx(0.0, abs=1e-6)
     assert same["unrelated"]["diversity_ratio"] == pytest.approx(1.0)
     assert same["unrelated"]["num_unrelated_images"] == 2 * len(unrelated_prompts(["red"]))

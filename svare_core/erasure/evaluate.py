@@ -3,7 +3,8 @@
 On the toy world the oracle knows what every image shows, so each number is exact bookkeeping:
 - erasure rate: share of images, for prompts asking for the concept, where the concept is absent
 - preservation: oracle accuracy on the other prompted attributes (concept prompts) and on every
-  prompted attribute (unrelated prompts), erased model / base model
+  prompted attribute (unrelated prompts), erased model / base model; also on the fully specified
+  prompts below, where the other attributes include the background
 - distribution shift: Frechet distance between base and erased images' oracle features on
   unrelated prompts
 - diversity: mean pairwise pixel distance between seeds of one prompt, erased / base
@@ -58,16 +59,17 @@ def paraphrase_prompts(concept: str) -> list[PromptSpec]:
 
 
 def unseen_prompts(concept: str, limit: int = 12) -> list[PromptSpec]:
-    """Fully specified prompts asking for the concept ("a dotted red star on a gray background") in
-    scenes that no training pair names: a fixed random ``limit`` of them."""
+    """Fully specified prompts asking for the concept ("a dotted red star on a gray background") whose
+    combination of the other attributes no training pair names, on any background: a fixed random
+    ``limit`` of them."""
     attr = attribute_of(concept)
     if attr == "background":
         return []
     others = [a for a in ("shape", "colour", "style") if a != attr]
-    trained = [dict(s) for s in toy_training_scenes(attr)]
+    trained = {(s[others[0]], s[others[1]]) for s in toy_training_scenes(attr)}
     scenes = [dict(zip((*others, "background"), combo))
-              for combo in itertools.product(world.VALUES[others[0]], world.VALUES[others[1]], world.VALUES["background"])]
-    scenes = [s for s in scenes if s not in trained]
+              for combo in itertools.product(world.VALUES[others[0]], world.VALUES[others[1]], world.VALUES["background"])
+              if combo[:2] not in trained]
     picked = sorted(np.random.default_rng(0).choice(len(scenes), size=min(limit, len(scenes)), replace=False))
     return [_spec(**{attr: concept}, **scenes[i]) for i in picked]
 
@@ -173,6 +175,9 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
             "unseen_prompt_erasure_rate": absent(ru) if unseen else None,
             "unseen_prompt_base_absent_rate": absent(rbu) if unseen else None,
             "num_unseen_prompt_images": len(ru),
+            # The long prompts' other attributes and background ("a striped ... heart on a gray background").
+            "preservation_on_unseen_prompts": (_accuracy(ru, unseen, seeds, gone) / max(_accuracy(rbu, unseen, seeds, gone), 1e-9)
+                                               if unseen else None),
             "other_attributes_accuracy_base": acc_b, "other_attributes_accuracy_erased": acc_e,
             "preservation_on_concept_prompts": acc_e / max(acc_b, 1e-9),
             "drawn_instead": _histogram([r[attr] for r in re_]),

@@ -45,14 +45,16 @@ def _mentions(prompt: str, concept: str) -> bool:
 
 
 def toy_training_scenes(attribute: str) -> list[dict[str, str]]:
-    """The fully specified scenes (every other attribute and the background) that toy pairs name:
-    one per value of the first other attribute, the rest cycled. Evaluation holds the others out."""
+    """The fully specified scenes (both other attributes and the background) that toy pairs name:
+    half of the combinations of the two other attributes, checkerboard-wise, so every value meets
+    about half of the other's; the background alternates. Evaluation holds out the other half."""
     from ..toyworld import world
 
-    others = [a for a in ("shape", "colour", "style") if a != attribute]
-    first, second, backgrounds = (world.VALUES[others[0]], world.VALUES[others[1]], world.VALUES["background"])
-    return [{others[0]: v, others[1]: second[i % len(second)], "background": backgrounds[i % len(backgrounds)]}
-            for i, v in enumerate(first)]
+    first, second = (world.VALUES[a] for a in ("shape", "colour", "style") if a != attribute)
+    combos = [(a, b) for i, a in enumerate(first) for j, b in enumerate(second) if (i + j) % 2 == 0]
+    names = [a for a in ("shape", "colour", "style") if a != attribute]
+    backgrounds = world.VALUES["background"]
+    return [{names[0]: a, names[1]: b, "background": backgrounds[k % len(backgrounds)]} for k, (a, b) in enumerate(combos)]
 
 
 def toy_pairs(concept: str, anchor: str) -> list[PromptPair]:
@@ -172,9 +174,35 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
                          "(comma-separated, in the same order) or a single anchor for all")
     anchors = anchors * len(concepts) if len(anchors) == 1 else anchors or [None] * len(concepts)
     pairs = [p for c, a in zip(concepts, anchors) for p in expand_concept(c, a, kind)]
-    # Erasing several concepts at once: a safe target that shows another erased concept
-    # ("a red star" -> "a red circle" while red goes too) would teach the model to keep it.
-    return validate_pairs([p for p in pairs if not any(_mentions(p.safe, c) for c in concepts if c != p.concept)])
+    if len(concepts) > 1:
+        pairs = _joint_targets(pairs, dict(zip(concepts, (a or DEFAULT_ANCHORS.get(kind, "") for a in anchors))))
+    return validate_pairs(pairs)
+
+
+def _joint_targets(pairs: list[PromptPair], anchors: dict[str, str]) -> list[PromptPair]:
+    """Erasing several concepts at once: a safe target that shows another erased concept ("a red
+    star" -> "a red circle" while red goes too) would teach the model to keep it, so that concept
+    is swapped for its anchor too ("a blue circle"). Pairs that become identical are merged."""
+    out: dict[tuple[str, str], PromptPair] = {}
+    for p in pairs:
+        safe = p.safe
+        for concept, anchor in anchors.items():
+            if concept != p.concept:
+                safe = substitute(safe, concept, anchor)
+        if not any(_mentions(safe, c) for c in anchors):
+            out.setdefault((p.unsafe.lower(), safe.lower()), PromptPair(p.unsafe, safe, p.concept))
+    return list(out.values())
+
+
+def substitute(prompt: str, concept: str, replacement: str) -> str:
+    """``prompt`` with each whole-word ``concept`` replaced, fixing the article before it
+    ("an orange star", orange -> blue: "a blue star")."""
+    word = rf"(?<!\w){re.escape(concept)}(?!\w)"
+    article = "an" if replacement[:1].lower() in "aeiou" else "a"
+    prompt = re.sub(rf"(?<!\w)(an?)(\s+){word}",
+                    lambda m: (article.capitalize() if m[1][0].isupper() else article) + m[2] + replacement,
+                    prompt, flags=re.IGNORECASE)
+    return re.sub(word, replacement, prompt, flags=re.IGNORECASE)
 
 
 def default_preserve_prompts(concept: str, kind: str) -> list[str]:
