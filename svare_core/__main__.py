@@ -32,7 +32,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
 # Training options of demo and erase (EraseConfig fields); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
-                 ("teacher_cfg", float), ("preserve_cfg", float), ("token_error_rate", float))
+                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float))
 
 
 ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)"}

@@ -213,9 +213,12 @@ def test_default_preserve_prompts_keep_the_rest_of_the_attribute(concept):
     for value in world.VALUES[attribute]:
         if value != concept:
             assert any(value in w for w in named), f"{value} is kept"
-    for other in others:          # both other attributes appear next to a kept value
+    for other in others:          # both other attributes appear next to a kept value, and every value of them
         assert any(words(world.full_caption(**{other: v})) & w - {"a", "an", "shape"} for v in world.VALUES[other]
-                   for w in named), other
+                   for w in named if w & set(world.VALUES[attribute])), other
+        for v in world.VALUES[other]:
+            assert any(v in w for w in named), v
+    assert len(set(prompts)) == len(prompts)
     assert default_preserve_prompts(concept, "object") == []
 
 

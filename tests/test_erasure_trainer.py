@@ -240,6 +240,30 @@ def test_preserve_cfg_sets_only_the_preservation_teacher(tiny_pipeline, monkeypa
     assert drawn["cfg"] and set(drawn["cfg"]) == {3.0}, "the auxiliary tokens keep the teacher's CFG"
 
 
+@pytest.mark.parametrize("student_cfg", [1.0, 3.0])
+def test_student_cfg_puts_the_losses_on_the_guided_logits(tiny_pipeline, monkeypatch, student_cfg):
+    calls = []
+    original = trainer._student_logits
+
+    def recording(pipe, student, prompts, x, scales, cfg, device):
+        out = original(pipe, student, prompts, x, scales, cfg, device)
+        calls.append((list(prompts), x.clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(trainer, "_student_logits", recording)
+    run(tiny_pipeline, steps=1, student_cfg=student_cfg)
+    assert len(calls) == 2                       # the erase pass, then the preservation pass
+    prompts, x, seen = calls[0]                  # before the first update the student is the base model
+    assert prompts == [p.unsafe for p in PAIRS]
+    base = tiny_pipeline.transformer
+    with torch.no_grad():
+        feats, mask = tiny_pipeline.encode_prompts(prompts)
+        cond = base(base.encode_text(feats, mask), x, TINY_SCALES)
+        uncond = base(base.encode_text(base.uncond_features(mask), mask), x, TINY_SCALES)
+    expected = cond if student_cfg == 1.0 else student_cfg * cond + (1 - student_cfg) * uncond
+    torch.testing.assert_close(seen, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [{"method": "vare"}, {"method": "svare", "preservation_weight": 0.0},
                                 {"method": "svare", "preserve_per_step": 0}])
 def test_no_preservation_targets_without_the_preservation_loss(tiny_pipeline, drawn, kw):
@@ -370,7 +394,8 @@ def test_gradient_checkpointing_is_used_and_exact(tiny_pipeline, monkeypatch):
 @pytest.mark.parametrize("kw, match", [({"method": "uce"}, "unknown method 'uce'"),
                                        ({"supervised_scales": "last"}, "supervised_scales"),
                                        ({"steps": 0}, "positive"), ({"lr": 0.0}, "positive"),
-                                       ({"pairs_per_step": 0}, "positive"), ({"precision": "fp8"}, "precision")])
+                                       ({"pairs_per_step": 0}, "positive"), ({"precision": "fp8"}, "precision"),
+                                       ({"student_cfg": 0.0}, "student_cfg")])
 def test_config_validation(tiny_pipeline, monkeypatch, kw, match):
     with pytest.raises(ValueError, match=match):
         EraseConfig(**kw).validate()

@@ -208,10 +208,11 @@ def substitute(prompt: str, concept: str, replacement: str) -> str:
 def default_preserve_prompts(concept: str, kind: str) -> list[str]:
     """Prompts whose images must not change, when the user gives none.
 
-    For the toy world: the other values of the concept's attribute, alone and each with a value of
-    one of the two other attributes in turn, so the model keeps drawing "a green star" and "a dotted
-    blue shape" while "red" goes. For real-model kinds, none: only the anchors are preserved unless
-    the user names more.
+    For the toy world: the other values of the concept's attribute alone, with a shape and with a
+    style (cycled so every value of the other attributes appears), and every value of the other
+    attributes alone, so the model keeps drawing "a green star", "an outlined orange shape" and
+    "an outlined shape" while "red" goes. For real-model kinds, none: only the anchors are preserved
+    unless the user names more.
     """
     if kind != "toy":
         return []
@@ -221,11 +222,11 @@ def default_preserve_prompts(concept: str, kind: str) -> list[str]:
     others = [a for a in ("shape", "colour", "style") if a != attribute]
     prompts = []
     for i, value in enumerate(v for v in world.VALUES[attribute] if v != concept):
-        other = others[i % 2]
-        with_other = world.VALUES[other][(i // 2) % len(world.VALUES[other])]
         prompts.append(world.full_caption(**{attribute: value}))
-        prompts.append(world.full_caption(**{attribute: value, other: with_other}))
-    return prompts
+        for other in others:
+            prompts.append(world.full_caption(**{attribute: value, other: world.VALUES[other][i % len(world.VALUES[other])]}))
+    prompts += [world.full_caption(**{other: v}) for other in others for v in world.VALUES[other]]
+    return list(dict.fromkeys(prompts))
 
 
 def preserve_prompts_for(pairs: list[PromptPair], kind: str, given: list[str] | None = None) -> list[str]:

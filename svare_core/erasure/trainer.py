@@ -44,6 +44,7 @@ class EraseConfig:
     supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
     teacher_cfg: float = 4.0              # CFG of the frozen teacher (auxiliary tokens; L_Pre unless preserve_cfg)
     preserve_cfg: float | None = None     # CFG of L_Pre's teacher alone (None: teacher_cfg, as the paper)
+    student_cfg: float = 1.0              # CFG on the student's logits in the losses (1: plain conditional, as the paper)
     teacher_tau: float = 1.0
     aux_top_p: float = 0.97
     aux_samples: int = 1                  # auxiliary images per safe prompt
@@ -64,6 +65,8 @@ class EraseConfig:
             raise ValueError("steps, lr and pairs_per_step must be positive, preserve_per_step not negative")
         if self.preserve_cfg is not None and self.preserve_cfg <= 0:
             raise ValueError(f"preserve_cfg must be positive (1 = no guidance) or None, got {self.preserve_cfg}")
+        if self.student_cfg <= 0:
+            raise ValueError(f"student_cfg must be positive (1 = the plain conditional pass), got {self.student_cfg}")
         if self.supervised_scales not in ("all", "first"):
             raise ValueError(f"supervised_scales must be 'all' or 'first', got {self.supervised_scales!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -146,9 +149,7 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
                 idx = [int(torch.randint(len(aux[p.safe]), (1,), generator=gen)) for p in batch]
                 x = torch.stack([aux[p.safe].inputs[i] for p, i in zip(batch, idx)]).to(device)
                 y = torch.stack([aux[p.safe].bits[i] for p, i in zip(batch, idx)]).to(device)
-                with _autocast(cfg, device):
-                    logits = student(student.encode_text(*pipe.encode_prompts([p.unsafe for p in batch])), x, scales,
-                                     checkpointing=cfg.gradient_checkpointing)
+                logits = _student_logits(pipe, student, [p.unsafe for p in batch], x, scales, cfg, device)
                 if cfg.method == "svare":
                     loss, kept = losses.filtered_ce(logits, y, bit_threshold=cfg.bit_threshold,
                                                     token_error_rate=cfg.token_error_rate, token_mask=token_mask)
@@ -275,10 +276,25 @@ def _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, 
     idx = [int(torch.randint(len(aux[p]), (1,), generator=gen)) for p in prompts]
     x = torch.stack([aux[p].inputs[i] for p, i in zip(prompts, idx)]).to(device)
     target = torch.stack([teacher[p][i] for p, i in zip(prompts, idx)]).to(device)
+    if cfg.method == "esd":
+        with _autocast(cfg, device):
+            return student(student.encode_text(*pipe.encode_prompts(prompts)), x, scales,
+                           checkpointing=cfg.gradient_checkpointing), target
+    return _student_logits(pipe, student, prompts, x, scales, cfg, device), target
+
+
+def _student_logits(pipe, student, prompts: list[str], x: torch.Tensor, scales, cfg: EraseConfig, device) -> torch.Tensor:
+    """The student's conditional logits, or with ``student_cfg`` != 1 its guided ones, the
+    distribution the sampler draws from (the unconditional pass is the student's own, without
+    gradient)."""
+    feats, mask = pipe.encode_prompts(prompts)
     with _autocast(cfg, device):
-        logits = student(student.encode_text(*pipe.encode_prompts(prompts)), x, scales,
-                         checkpointing=cfg.gradient_checkpointing)
-    return logits, target
+        cond = student(student.encode_text(feats, mask), x, scales, checkpointing=cfg.gradient_checkpointing)
+        if cfg.student_cfg == 1.0:
+            return cond
+        with torch.no_grad():
+            uncond = student(student.encode_text(student.uncond_features(mask), mask), x, scales)
+    return losses.guided_logits(cond, uncond, cfg.student_cfg)
 
 
 def _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device):
