@@ -106,8 +106,8 @@ def main() -> None:
 
 def write_table(rows: list[dict], out: str | None) -> None:
     lines = ["| concept(s) | method | erasure rate | erasure (unseen prompts) | paraphrase erasure | "
-             "preservation (concept prompts) | preservation (unseen prompts) | preservation (unrelated) | FD (oracle features) | diversity ratio | "
-             "time (s) | peak RSS (MB) |",
+             "preservation (concept prompts) | preservation (unseen prompts) | preservation (unrelated) | "
+             "FD (oracle features) | diversity ratio | time (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rep, u = r["report"], r["report"]["unrelated"]
