@@ -245,8 +245,8 @@ def test_student_cfg_puts_the_losses_on_the_guided_logits(tiny_pipeline, monkeyp
     calls = []
     original = trainer._student_logits
 
-    def recording(pipe, student, prompts, x, scales, cfg, device):
-        out = original(pipe, student, prompts, x, scales, cfg, device)
+    def recording(pipe, student, prompts, x, scales, cfg, device, guidance):
+        out = original(pipe, student, prompts, x, scales, cfg, device, guidance)
         calls.append((list(prompts), x.clone(), out.detach().clone()))
         return out
 

@@ -50,9 +50,9 @@ def toy_training_scenes(attribute: str) -> list[dict[str, str]]:
     about half of the other's; the background alternates. Evaluation holds out the other half."""
     from ..toyworld import world
 
-    first, second = (world.VALUES[a] for a in ("shape", "colour", "style") if a != attribute)
-    combos = [(a, b) for i, a in enumerate(first) for j, b in enumerate(second) if (i + j) % 2 == 0]
     names = [a for a in ("shape", "colour", "style") if a != attribute]
+    first, second = (world.VALUES[a] for a in names)
+    combos = [(a, b) for i, a in enumerate(first) for j, b in enumerate(second) if (i + j) % 2 == 0]
     backgrounds = world.VALUES["background"]
     return [{names[0]: a, names[1]: b, "background": backgrounds[k % len(backgrounds)]} for k, (a, b) in enumerate(combos)]
 

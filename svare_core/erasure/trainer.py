@@ -149,7 +149,7 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
                 idx = [int(torch.randint(len(aux[p.safe]), (1,), generator=gen)) for p in batch]
                 x = torch.stack([aux[p.safe].inputs[i] for p, i in zip(batch, idx)]).to(device)
                 y = torch.stack([aux[p.safe].bits[i] for p, i in zip(batch, idx)]).to(device)
-                logits = _student_logits(pipe, student, [p.unsafe for p in batch], x, scales, cfg, device)
+                logits = _student_logits(pipe, student, [p.unsafe for p in batch], x, scales, cfg, device, cfg.student_cfg)
                 if cfg.method == "svare":
                     loss, kept = losses.filtered_ce(logits, y, bit_threshold=cfg.bit_threshold,
                                                     token_error_rate=cfg.token_error_rate, token_mask=token_mask)
@@ -276,25 +276,23 @@ def _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, 
     idx = [int(torch.randint(len(aux[p]), (1,), generator=gen)) for p in prompts]
     x = torch.stack([aux[p].inputs[i] for p, i in zip(prompts, idx)]).to(device)
     target = torch.stack([teacher[p][i] for p, i in zip(prompts, idx)]).to(device)
-    if cfg.method == "esd":
-        with _autocast(cfg, device):
-            return student(student.encode_text(*pipe.encode_prompts(prompts)), x, scales,
-                           checkpointing=cfg.gradient_checkpointing), target
-    return _student_logits(pipe, student, prompts, x, scales, cfg, device), target
+    # ESD regresses the conditional logits, as its authors do.
+    guidance = 1.0 if cfg.method == "esd" else cfg.student_cfg
+    return _student_logits(pipe, student, prompts, x, scales, cfg, device, guidance), target
 
 
-def _student_logits(pipe, student, prompts: list[str], x: torch.Tensor, scales, cfg: EraseConfig, device) -> torch.Tensor:
-    """The student's conditional logits, or with ``student_cfg`` != 1 its guided ones, the
-    distribution the sampler draws from (the unconditional pass is the student's own, without
-    gradient)."""
+def _student_logits(pipe, student, prompts: list[str], x: torch.Tensor, scales, cfg: EraseConfig, device,
+                    guidance: float) -> torch.Tensor:
+    """The student's conditional logits, or with ``guidance`` != 1 its guided ones, the distribution
+    the sampler draws from (the unconditional pass is the student's own, without gradient)."""
     feats, mask = pipe.encode_prompts(prompts)
     with _autocast(cfg, device):
         cond = student(student.encode_text(feats, mask), x, scales, checkpointing=cfg.gradient_checkpointing)
-        if cfg.student_cfg == 1.0:
+        if guidance == 1.0:
             return cond
         with torch.no_grad():
             uncond = student(student.encode_text(student.uncond_features(mask), mask), x, scales)
-    return losses.guided_logits(cond, uncond, cfg.student_cfg)
+    return losses.guided_logits(cond, uncond, guidance)
 
 
 def _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device):
