@@ -155,6 +155,11 @@ def test_preserve_per_step_sets_the_preservation_batch(tiny_pipeline, monkeypatc
         for b in batches:
             extra = [q for q in b if q not in safe]
             assert len(b) == 2 + expected_extra and len(set(extra)) == expected_extra and set(extra) <= set(preserve)
+    # per concept: two concepts in one run draw twice as many (untagged pairs count as one concept)
+    two = expand_concept("red", "blue", "toy")[:1] + expand_concept("star", "circle", "toy")[:1]
+    batches.clear()
+    erase(tiny_pipeline, two, EraseConfig(steps=1, lr=1e-3, preserve_per_step=1), preserve_prompts=preserve)
+    assert len(batches[0]) == len(two) + 2
     with pytest.raises(ValueError, match="preserve_per_step"):
         EraseConfig(preserve_per_step=-1).validate()
 

@@ -38,7 +38,7 @@ class EraseConfig:
     lora_rank: int = 4
     lora_targets: str = "attn"            # attn | xattn | xattn_out | attn_ffn
     preservation_weight: float = 0.5      # lambda of L_Pre
-    preserve_per_step: int = 1            # preservation prompts in each L_Pre step (besides the safe ones)
+    preserve_per_step: int = 1            # preservation prompts in each L_Pre step per concept (besides the safe ones)
     bit_threshold: float = math.log(2)
     token_error_rate: float = 0.25
     supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
@@ -136,6 +136,8 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
         teacher = _teacher_targets(pipe, frozen, pairs, preserve_prompts, aux, scales, cfg) \
             if preserving or cfg.method == "esd" else {}
 
+        # Per concept, like the step budget: erasing three at once keeps each one's preservation rate.
+        preserve_per_step = cfg.preserve_per_step * max(1, len({p.concept for p in pairs if p.concept}))
         history, bad = [], 0
         order = torch.randperm(len(pairs), generator=gen).tolist()
         for step in range(cfg.steps):
@@ -159,7 +161,8 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
                 ok = _optimizer_step(loss, params, opt, cfg)
                 rec["erase"] = loss.item()
                 if preserving:
-                    pre = _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device)
+                    pre = _preservation_loss(pipe, student, batch, preserve_prompts, preserve_per_step, aux, teacher,
+                                             scales, cfg, gen, device)
                     ok = _optimizer_step(pre, params, opt, cfg) and ok
                     rec["preserve"] = pre.item()
             bad = 0 if ok else bad + 1
@@ -295,10 +298,10 @@ def _student_logits(pipe, student, prompts: list[str], x: torch.Tensor, scales, 
     return losses.guided_logits(cond, uncond, guidance)
 
 
-def _preservation_loss(pipe, student, batch, preserve_prompts, aux, teacher, scales, cfg, gen, device):
+def _preservation_loss(pipe, student, batch, preserve_prompts, per_step, aux, teacher, scales, cfg, gen, device):
     prompts = [p.safe for p in batch]
-    if preserve_prompts and cfg.preserve_per_step:
-        chosen = torch.randperm(len(preserve_prompts), generator=gen)[:cfg.preserve_per_step].tolist()
+    if preserve_prompts and per_step:
+        chosen = torch.randperm(len(preserve_prompts), generator=gen)[:per_step].tolist()
         prompts += [preserve_prompts[i] for i in chosen]
     logits, target = _student_on_samples(pipe, student, prompts, aux, teacher, scales, cfg, gen, device)
     return cfg.preservation_weight * losses.preservation_kl(logits, target)
