@@ -1,7 +1,7 @@
 """Default settings per model family, in one place (CLI, nodes and scripts read them from here).
 
 Infinity's values are the authors' (sampling: cfg 4, tau 0.5, top-p 0.97 for 2B; erasure: lr 2.3e-5,
-500 iterations). The toy model's were tuned on the toy world (see README, "Toy world results").
+500 iterations). The toy model's were tuned on the toy world (see README, "Results on the toy world").
 """
 from __future__ import annotations
 
