@@ -32,11 +32,13 @@ class VARPipeline:
             raise ValueError(f"the text encoder gives {self.text_encoder.width}-wide features but the transformer "
                              f"expects {self.transformer.cfg.text_dim}: pair it with its own text encoder")
         if self.base_fingerprint is None:
-            self.base_fingerprint = state_dict_fingerprint((self.base_transformer or self.transformer).state_dict())
+            base = self.base_transformer or self.transformer
+            # A loader that streamed the checkpoint hashed the source tensors as it read them.
+            self.base_fingerprint = getattr(base, "source_fingerprint", None) or state_dict_fingerprint(base.state_dict())
 
     def fingerprint(self) -> str:
-        """Content hash of the transformer's current weights."""
-        return state_dict_fingerprint(self.transformer.state_dict())
+        """Content hash of the transformer's current weights in their dtype (keys caches of its outputs)."""
+        return state_dict_fingerprint(self.transformer.state_dict(), exact=True)
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text-encoder features and mask, on the transformer's device."""

@@ -127,3 +127,15 @@ def test_shipped_example_patch_exists():
     assert name.endswith(".safetensors") and "/" not in name
     shipped = [d / name for d in pack.nodes.comfy_adapter.BUNDLED_PATCH_DIRS]
     assert any(p.is_file() for p in shipped), f"the example patch {name} is missing from {shipped[0].parent}"
+
+
+def test_shipped_example_patch_applies_to_the_bundled_model():
+    """The example patch names the bundled model's fingerprint: it applies without force."""
+    from svare_core import load_pipeline
+    from svare_core.erasure import ErasurePatch, apply_patch
+
+    patch = ErasurePatch.load(ROOT / "svare_core" / "toyworld" / "patches" / "toyworld_striped.safetensors")
+    pipe = load_pipeline("toyworld")
+    assert patch.base_fingerprint == pipe.base_fingerprint
+    patched = apply_patch(pipe, patch)
+    assert patched.fingerprint() != pipe.fingerprint()

@@ -82,17 +82,52 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def state_dict_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """A short content hash of a state dict: names, shapes, dtypes and a strided sample of values.
+FINGERPRINT_SAMPLES = 4096
 
-    Sampling (up to 4096 values a tensor, spread over the whole tensor) keeps this fast on
-    multi-GB models while any retrained or different model still gets another fingerprint.
+
+def sample_indices(numel: int, samples: int = FINGERPRINT_SAMPLES) -> torch.Tensor:
+    """``samples`` evenly spread flat indices of a tensor, first and last included.
+
+    Integer arithmetic: float32 index maths (``linspace(...).long()``) is inexact above 2**24
+    elements and ran past the end of the 2B's 25M-element tensors.
     """
+    m = min(samples, numel)
+    if m <= 1:
+        return torch.zeros(m, dtype=torch.long)
+    return torch.arange(m, dtype=torch.long) * (numel - 1) // (m - 1)
+
+
+def tensor_digest(name: str, t: torch.Tensor, *, exact: bool = False) -> bytes:
+    """What a fingerprint knows of one tensor: its name, shape and a strided sample of its values.
+
+    By default floating values are rounded to bf16 before hashing, so the same weights stored or
+    loaded in fp32 or bf16 get one digest (a patch made on a bf16 copy applies to the fp32 release).
+    ``exact``: hash the sampled values as they are, and the dtype (caches of model outputs).
+    """
+    h = hashlib.sha256(f"{name}{tuple(t.shape)}{t.dtype if exact else ''}".encode())
+    flat = t.detach().reshape(-1)
+    if flat.numel():
+        values = flat[sample_indices(flat.numel()).to(flat.device)]
+        if not exact:
+            values = values.to(torch.bfloat16).float() if values.is_floating_point() else values.long()
+        elif values.dtype == torch.bfloat16:
+            values = values.view(torch.int16)   # numpy has no bfloat16
+        h.update(values.cpu().numpy().tobytes())
+    return h.digest()
+
+
+def combine_digests(digests: dict[str, bytes]) -> str:
     h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().flatten()
-        h.update(f"{k}{tuple(state[k].shape)}{t.dtype}".encode())
-        if t.numel():
-            idx = torch.linspace(0, t.numel() - 1, min(4096, t.numel()), device=t.device).long()
-            h.update(t[idx].float().cpu().numpy().tobytes())
+    for k in sorted(digests):
+        h.update(digests[k])
     return h.hexdigest()[:16]
+
+
+def state_dict_fingerprint(state: dict[str, torch.Tensor], *, exact: bool = False) -> str:
+    """A short content hash of a state dict: names, shapes and 4096 values a tensor, spread over it.
+
+    Sampling keeps this cheap on multi-GB models (milliseconds a tensor) while a retrained or
+    different model changes every sampled value. Default: the identity of a model's weights
+    whatever precision holds them (base models of patches); ``exact``: of these very tensors.
+    """
+    return combine_digests({k: tensor_digest(k, v, exact=exact) for k, v in state.items()})
