@@ -46,22 +46,37 @@ def _resolve_text_encoder(spec: str | Path | None, path: Path) -> Path:
 def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = None,
                   text_encoder: str | Path | None = None, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype = "fp32", vae_device: str | torch.device | None = None,
-                  text_device: str | torch.device = "cpu") -> VARPipeline:
+                  text_device: str | torch.device = "cpu", text_dtype: str | torch.dtype | None = None,
+                  text_offload: bool = False) -> VARPipeline:
     """Load a text-to-image VAR model.
 
     ``model``: "toyworld" (bundled), a svare .safetensors file (may hold the VAE too), or an
     Infinity checkpoint (.pth or a sharded .safetensors index), which then needs ``vae`` and
     ``text_encoder`` (a local folder of google/flan-t5-xl). The VAE and text encoder may stay on
     the CPU while the transformer runs on the GPU (``vae_device``, ``text_device``).
+    ``text_dtype``: None = bf16 for Flan-T5 (fp32 for the toy model's small encoder); ``text_offload``:
+    the text encoder lives on the CPU and moves to ``text_device`` only to encode prompts.
+
+    Weights stream in one tensor at a time, cast to ``dtype`` as they are read: loading Infinity-2B
+    in bf16 needs about its bf16 size in RAM, not the fp32 file's (docs/benchmarks.md, "Real size").
     """
     # Weights made under inference_mode (ComfyUI runs every node in it) could never be fine-tuned
     # without a full copy; loading outside it keeps erasure able to share them.
     with torch.inference_mode(False):
-        return _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device)
+        return _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device, text_dtype, text_offload)
 
 
-def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device) -> VARPipeline:
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+def _dtype(value, what: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ModelLoadError(f"unknown {what} {value!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[value]
+
+
+def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device, text_dtype,
+                   text_offload) -> VARPipeline:
+    dtype = _dtype(dtype, "dtype")
     path = resolve_model_path(model)
     transformer = load_transformer(path, device=device, dtype=dtype)   # validates the file first
     meta = read_metadata(path) if path.suffix == ".safetensors" else {}
@@ -75,7 +90,7 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
                          dtype=dtype if str(vae_device) != "cpu" else torch.float32)
     text_name = str(text_encoder or meta.get("text_encoder") or "")
     text = TextEncoder(_resolve_text_encoder(text_name or None, path), device=text_device,
-                       dtype=torch.float32 if str(text_device) == "cpu" else torch.float16)
+                       dtype=_dtype(text_dtype, "text_dtype"), offload=text_offload)
     scales = transformer.cfg.scales or None
     name = str(model) if str(model) in BUNDLED else path.stem
     return VARPipeline(transformer, vae_model, text, name=name, scales=scales, text_encoder_name=text_name)
@@ -84,8 +99,10 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
 @lru_cache(maxsize=4)
 def load_pipeline_cached(model: str = "toyworld", vae: str | None = None, text_encoder: str | None = None,
                          device: str = "cpu", dtype: str = "fp32", vae_device: str | None = None,
-                         text_device: str = "cpu") -> VARPipeline:
+                         text_device: str = "cpu", text_dtype: str | None = None,
+                         text_offload: bool = False) -> VARPipeline:
     """load_pipeline with a small cache, for callers (nodes, CLI loops) that ask for the same model again.
     Callers must not modify the returned pipeline: copy the transformer before changing it."""
     return load_pipeline(model, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype,
-                         vae_device=vae_device, text_device=text_device)
+                         vae_device=vae_device, text_device=text_device, text_dtype=text_dtype,
+                         text_offload=text_offload)

@@ -12,11 +12,19 @@ from pathlib import Path
 import torch
 
 
-class TextEncoder:
-    """Prompts -> (features (B, L, width), mask (B, L)). Frozen; results cached per prompt."""
+_HALF_PRECISION_TYPES = ("t5", "mt5", "umt5")   # large encoders trained in bf16: half the memory, same features
 
-    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_length: int = 512, cache_size: int = 4096):
+
+class TextEncoder:
+    """Prompts -> (features (B, L, width), mask (B, L)). Frozen; results cached per prompt.
+
+    ``dtype`` None: bf16 for T5-family encoders (Flan-T5-XL: 2.4 GB instead of 4.8), fp32 for small
+    ones. ``offload``: the weights live on the CPU and visit ``device`` only while encoding, so a
+    GPU holds the 1.2B-parameter encoder just for the moment prompts are encoded.
+    """
+
+    def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 max_length: int = 512, cache_size: int = 4096, offload: bool = False):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         path = Path(path)
@@ -27,8 +35,16 @@ class TextEncoder:
         self.path = path
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model_cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-        self.model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+        is_t5 = config.model_type in _HALF_PRECISION_TYPES
+        dtype = dtype or (torch.bfloat16 if is_t5 else torch.float32)
+        model_cls = T5EncoderModel if is_t5 else AutoModel
+        self.run_device = torch.device(device)
+        self.offload = offload and self.run_device.type != "cpu"
+        home = "cpu" if self.offload else self.run_device
+        model = _stream_t5(model_cls, config, path, dtype) if is_t5 else None
+        if model is None:
+            model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+        self.model = model.to(home).eval()
         self.model.requires_grad_(False)
         self.width = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_length = max_length
@@ -39,8 +55,13 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def to(self, device) -> "TextEncoder":
         self.model.to(device)
+        self.run_device = torch.device(device)
         return self
 
     @torch.no_grad()
@@ -56,15 +77,51 @@ class TextEncoder:
         if isinstance(prompts, str):
             prompts = [prompts]
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        for i in range(0, len(missing), 64):
-            chunk = missing[i:i + 64]
-            for p, feats in zip(chunk, self._encode_uncached(chunk)):
-                self._cache[p] = feats
+        if missing and self.offload:
+            self.model.to(self.run_device)
+        try:
+            for i in range(0, len(missing), 64):
+                chunk = missing[i:i + 64]
+                for p, feats in zip(chunk, self._encode_uncached(chunk)):
+                    self._cache[p] = feats
+        finally:
+            if missing and self.offload:
+                self.model.to("cpu")
+                if self.run_device.type == "cuda":
+                    torch.cuda.empty_cache()
         for p in prompts:
             self._cache.move_to_end(p)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return pad_features([self._cache[p] for p in prompts])
+
+
+def _stream_t5(model_cls, config, path: Path, dtype: torch.dtype):
+    """The encoder built on the meta device and filled one tensor at a time, cast as read: the
+    full-precision file (Flan-T5-XL's holds the decoder too) is never held in memory. None when the
+    folder is not plain safetensors or lacks a tensor (then transformers loads it)."""
+    from .loading import read_checkpoint
+
+    weights = next((path / n for n in ("model.safetensors", "model.safetensors.index.json") if (path / n).is_file()), None)
+    if weights is None:
+        return None
+    ckpt = read_checkpoint(weights)
+    with torch.device("meta"):
+        model = model_cls(config).to(dtype)
+    expected = model.state_dict()
+    # The input embedding is stored once, as "shared.weight", and tied to the encoder's.
+    source = {k: k if k in ckpt.state else "shared.weight" for k in expected}
+    if any(src not in ckpt.state or tuple(ckpt.state[src].shape) != tuple(expected[k].shape)
+           for k, src in source.items()):
+        return None
+    state, read = {}, {}
+    for k, src in source.items():
+        if src not in read:
+            read[src] = ckpt.read(src).to(expected[k].dtype).clone()
+        state[k] = read[src]
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return model
 
 
 def pad_features(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,365 @@
+"""Infinity at real size, with random weights in the released file layouts: load, sample, erase.
+
+    python benchmarks/real_scale.py --out /data/svare-real --write          # the files (about 60 GB)
+    python benchmarks/real_scale.py --out /data/svare-real --json docs/real_scale.json
+    python benchmarks/real_scale.py --out /data/svare-real --jobs load_2b_bf16,sample_2b_256
+    python benchmarks/real_scale.py --table docs/real_scale.json            # the markdown table
+
+The files are built from the key/shape tables in tests/fixtures/ and saved the way the release
+saves them: Infinity-2B as one plain fp32 .pth pickle, its VAE with the weights under "vae",
+Infinity-8B as 4 safetensors shards + model.safetensors.index.json (fp32-stored and bf16-stored
+copies), the 8B VAE, and a Flan-T5-XL-shaped text encoder (width 2048; few layers, the
+toy model's tokenizer, which ships offline). Every job runs in a fresh process; its peak RSS
+comes from the kernel (wait4), its timings from the job itself. CUDA jobs are skipped without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FIXTURES = ROOT / "tests" / "fixtures"
+T5_LAYERS = 2            # the real Flan-T5-XL encoder has 24 (1.2B parameters); the width is what matters here
+T5_XL = dict(d_model=2048, d_ff=5120, num_heads=32, d_kv=64, vocab_size=32128, feed_forward_proj="gated-gelu",
+             relative_attention_num_buckets=32,
+             relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
+
+
+# -- writing the files ------------------------------------------------------------------------------------
+def read_table(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    rows = []
+    for line in (FIXTURES / name).read_text().splitlines():
+        if line.strip():
+            key, shape, _ = line.split("\t")
+            rows.append((key, tuple(int(d) for d in shape.strip("()").split(",") if d.strip())))
+    return rows
+
+
+def random_tensor(shape, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+
+def random_state(rows, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    return {k: random_tensor(s, dtype, i) for i, (k, s) in enumerate(rows)}
+
+
+_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors_streaming(path: Path, rows, dtype, seed0: int = 0) -> int:
+    """A safetensors file written one tensor at a time (the writer never holds the whole shard)."""
+    header, offset = {}, 0
+    for k, s in rows:
+        n = math.prod(s) * dtype.itemsize
+        header[k] = {"dtype": _ST[dtype], "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for i, (k, s) in enumerate(rows):
+            t = random_tensor(s, dtype, seed0 + i)
+            f.write(t.view(torch.uint8).numpy().tobytes() if dtype == torch.bfloat16 else t.numpy().tobytes())
+    os.replace(tmp, path)
+    return offset
+
+
+def write_sharded(folder: Path, rows, dtype, shards: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    total = sum(math.prod(s) for _, s in rows) * dtype.itemsize
+    groups, acc, cur = [[] for _ in range(shards)], 0, 0
+    for k, s in rows:
+        if acc > (cur + 1) * total / shards and cur < shards - 1:
+            cur += 1
+        groups[cur].append((k, s))
+        acc += math.prod(s) * dtype.itemsize
+    weight_map, seed = {}, 0
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors_streaming(folder / name, group, dtype, seed)
+        seed += len(group)
+        weight_map.update({k: name for k, _ in group})
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return index
+
+
+def write_text_encoder(folder: Path, layers: int = T5_LAYERS) -> Path:
+    from transformers import T5Config, T5EncoderModel
+
+    from svare_core.models.text import minilm_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = T5Config(num_layers=layers, **T5_XL)
+    torch.manual_seed(0)
+    T5EncoderModel(cfg).save_pretrained(folder, safe_serialization=True)
+    src = minilm_path()   # a tokenizer that ships offline; its ids (< 30522) fit T5's vocabulary
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+def files(out: Path) -> dict[str, Path]:
+    return {"2b": out / "infinity_2b_reg.pth", "vae_2b": out / "infinity_vae_d32reg.pth",
+            "8b_fp32": out / "infinity_8b_fp32" / "model.safetensors.index.json",
+            "8b_bf16": out / "infinity_8b_bf16" / "model.safetensors.index.json",
+            "vae_8b": out / "infinity_vae_d56_f8_14_patchify.pth", "t5": out / "flan-t5-xl-shaped"}
+
+
+def write_all(out: Path, which: list[str]) -> None:
+    f = files(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = {
+        "2b": lambda: torch.save(random_state(read_table("infinity_2b.tsv")), f["2b"]),
+        "vae_2b": lambda: torch.save({"vae": random_state(read_table("infinity_vae_d32.tsv"))}, f["vae_2b"]),
+        "vae_8b": lambda: torch.save({"vae": random_state(read_table("infinity_vae_d56_f8_14_patchify.tsv"))},
+                                     f["vae_8b"]),
+        "8b_fp32": lambda: write_sharded(f["8b_fp32"].parent, read_table("infinity_8b.tsv"), torch.float32),
+        "8b_bf16": lambda: write_sharded(f["8b_bf16"].parent, read_table("infinity_8b.tsv"), torch.bfloat16),
+        "t5": lambda: write_text_encoder(f["t5"]),
+    }
+    for name in which:
+        if f[name].exists():
+            print(f"  {f[name]} exists", flush=True)
+            continue
+        t0 = time.time()
+        steps[name]()
+        print(f"  wrote {f[name]} in {time.time() - t0:.0f} s", flush=True)
+
+
+# -- jobs (each runs in a child process) -------------------------------------------------------------------
+def _rss_now() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+
+
+def _pipeline(f, dtype: str, device: str = "cpu", text_device: str = "cpu", text_offload: bool = False):
+    from svare_core import load_pipeline
+    return load_pipeline(f["2b"], vae=f["vae_2b"], text_encoder=f["t5"], dtype=dtype, device=device,
+                         vae_device="cpu", text_device=text_device, text_offload=text_offload)
+
+
+def _load(key: str, dtype: str):
+    def job(f):
+        from svare_core.loader import DTYPES
+        from svare_core.models.loading import load_transformer
+        t0 = time.time()
+        model = load_transformer(f[key], dtype=DTYPES[dtype])
+        n = sum(p.numel() for p in model.state_dict().values())
+        return {"seconds": time.time() - t0, "params": n,
+                "weight_bytes": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
+    return job
+
+
+def _text(dtype: str | None):
+    def job(f):
+        from svare_core.loader import DTYPES
+        from svare_core.models.text import TextEncoder
+        t0 = time.time()
+        enc = TextEncoder(f["t5"], dtype=DTYPES[dtype] if dtype else None)
+        load_s = time.time() - t0
+        feats, _ = enc.encode(["a photo of a cat on a sofa"])
+        n = sum(p.numel() for p in enc.model.parameters())
+        return {"seconds": load_s, "params": n, "layers": T5_LAYERS, "dtype": str(enc.dtype), "width": feats.shape[-1],
+                "weight_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters())}
+    return job
+
+
+def _sample(preset: str, device: str):
+    def job(f):
+        from svare_core import SamplerSettings, generate
+        from svare_core.schedules import infinity_schedule
+        t0 = time.time()
+        pipe = _pipeline(f, "bf16", device=device)
+        load_s = time.time() - t0
+        scales = infinity_schedule("1:1", preset)
+        settings = SamplerSettings(cfg=4.0, tau=0.5, top_p=0.97)
+        if device == "cuda":   # warm-up at the smallest preset, then measure
+            generate(pipe, ["warm up"], seed=1, settings=settings, scales=infinity_schedule("1:1", "0.06M"))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t1 = time.time()
+        res = generate(pipe, ["a photo of a cat on a sofa"], seed=0, settings=settings, scales=scales)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out = {"load_seconds": load_s, "seconds_per_image": time.time() - t1, "image": list(res.images.shape),
+               "finite": bool(torch.isfinite(res.images).all())}
+        if device == "cuda":
+            out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        return out
+    return job
+
+
+def _erase(preset: str, device: str, steps: int = 2):
+    def job(f):
+        from dataclasses import replace
+
+        from svare_core.defaults import erase_defaults
+        from svare_core.erasure import PromptPair, erase
+        from svare_core.schedules import infinity_schedule
+        t0 = time.time()
+        pipe = _pipeline(f, "bf16", device=device)
+        load_s = time.time() - t0
+        cfg = replace(erase_defaults(pipe), steps=steps)
+        pairs = [PromptPair("a painting in the style of Van Gogh", "a painting", "van gogh"),
+                 PromptPair("a starry night by Van Gogh", "a starry night", "van gogh")]
+        stamps = []
+        t1 = time.time()
+        res = erase(pipe, pairs, cfg, preserve_prompts=["a photo of a dog"], scales=infinity_schedule("1:1", preset),
+                    callback=lambda s: stamps.append(time.time()))
+        out = {"load_seconds": load_s, "erase_seconds": time.time() - t1,
+               "first_step_at": stamps[0] - t1 if stamps else None,
+               "seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None,
+               "trainable": cfg.trainable, "lora_rank": cfg.lora_rank, "steps": steps,
+               "patch_values": res.patch.num_values(),
+               "losses": res.history[-1]}
+        if device == "cuda":
+            out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        return out
+    return job
+
+
+def _inspect(key: str):
+    def job(f):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "svare_core", "inspect", str(f[key])], capture_output=True, text=True,
+                           cwd=ROOT)
+        return {"seconds": time.time() - t0, "rc": r.returncode, "output": (r.stdout + r.stderr).strip().splitlines()[:8]}
+    return job
+
+
+JOBS = {
+    "inspect_2b": (_inspect("2b"), "cpu"),
+    "inspect_8b": (_inspect("8b_fp32"), "cpu"),
+    "load_2b_fp32": (_load("2b", "fp32"), "cpu"),
+    "load_2b_bf16": (_load("2b", "bf16"), "cpu"),
+    "load_8b_bf16_from_fp32": (_load("8b_fp32", "bf16"), "cpu"),
+    "load_8b_bf16_from_bf16": (_load("8b_bf16", "bf16"), "cpu"),
+    "load_8b_fp32": (_load("8b_fp32", "fp32"), "cpu"),      # 33.5 GB: refused up front on a 24 GB machine
+    "text_bf16": (_text(None), "cpu"),
+    "text_fp32": (_text("fp32"), "cpu"),
+    "sample_2b_256": (_sample("0.06M", "cpu"), "cpu"),
+    "erase_2b_256": (_erase("0.06M", "cpu"), "cpu"),
+    "cuda_sample_2b_1024": (_sample("1M", "cuda"), "cuda"),
+    "cuda_erase_2b_512": (_erase("0.25M", "cuda", steps=3), "cuda"),
+    "cuda_erase_2b_1024": (_erase("1M", "cuda", steps=3), "cuda"),
+}
+
+
+def run_child(job: str, out: Path) -> None:
+    baseline = _rss_now()
+    try:
+        result = JOBS[job][0](files(out))
+        result["ok"] = True
+    except Exception as e:  # noqa: BLE001 - a refused or failed job is a result too
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    result["rss_after_imports_bytes"] = baseline
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_job(job: str, out: Path, timeout: float) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--out", str(out), "--child", job], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines, t0 = [], time.time()
+    for line in proc.stdout:
+        lines.append(line)
+        if time.time() - t0 > timeout:
+            proc.kill()
+            break
+    _, status, usage = os.wait4(proc.pid, 0)
+    result = next((json.loads(ln[7:]) for ln in lines if ln.startswith("RESULT ")), None)
+    if result is None:
+        result = {"ok": False, "error": "no result (killed or crashed)", "tail": "".join(lines[-5:])[-800:]}
+    result.update(job=job, wall_seconds=time.time() - t0, peak_rss_bytes=usage.ru_maxrss * 1024,
+                  exit_status=os.waitstatus_to_exitcode(status))
+    return result
+
+
+# -- the table -----------------------------------------------------------------------------------------------
+def _gb(x) -> str:
+    return f"{x / 1e9:.2f}" if isinstance(x, (int, float)) else "-"
+
+
+def _s(x) -> str:
+    return f"{x:.1f}" if isinstance(x, (int, float)) else "-"
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| job | ok | wall (s) | job time (s) | peak RSS (GB) | weights (GB) | peak VRAM (GB) | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r.get("seconds", r.get("seconds_per_image", r.get("erase_seconds")))
+        note = r.get("error", "")
+        if "seconds_per_step" in r and r.get("seconds_per_step") is not None:
+            note = f"{r['seconds_per_step']:.0f} s/step after {r['first_step_at']:.0f} s of targets; " \
+                   f"{r['trainable']} rank {r['lora_rank']}"
+        if "seconds_per_image" in r:
+            note = f"image {r['image']}, load {r['load_seconds']:.0f} s, finite {r['finite']}"
+        if r["job"].startswith("inspect"):
+            note = (r.get("output") or [""])[-1][:60]
+        if r["job"].startswith("text"):
+            note = f"{r.get('layers')} of 24 layers, {r.get('dtype')}"
+        rows.append(f"| {r['job']} | {'yes' if r.get('ok') else 'no'} | {_s(r.get('wall_seconds'))} | {_s(t)} | "
+                    f"{_gb(r.get('peak_rss_bytes'))} | {_gb(r.get('weight_bytes'))} | {_gb(r.get('peak_vram_bytes'))} | "
+                    f"{note.replace('|', '/')[:140]} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="folder for the real-size files (tens of GB)")
+    p.add_argument("--write", action="store_true", help="write the files first (skips those that exist)")
+    p.add_argument("--files", default="2b,vae_2b,t5,8b_fp32,8b_bf16,vae_8b", help="which files --write makes")
+    p.add_argument("--jobs", default="all", help=f"comma-separated, or 'all': {', '.join(JOBS)}")
+    p.add_argument("--json", type=Path, help="append results here (one object per job, keyed by job)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds a job may take")
+    p.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.table:
+        print(table(list(json.loads(args.table.read_text())["jobs"].values())))
+        return
+    if args.out is None:
+        p.error("--out is required")
+    if args.child:
+        run_child(args.child, args.out)
+        return
+    if args.write:
+        write_all(args.out, args.files.split(","))
+    jobs = list(JOBS) if args.jobs == "all" else args.jobs.split(",")
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown:
+        p.error(f"unknown jobs {unknown}; choose from {list(JOBS)}")
+    doc = json.loads(args.json.read_text()) if args.json and args.json.exists() else {"jobs": {}}
+    for job in jobs:
+        if JOBS[job][1] == "cuda" and not torch.cuda.is_available():
+            print(f"{job}: skipped (no CUDA)", flush=True)
+            continue
+        r = run_job(job, args.out, args.timeout)
+        print(f"{job}: {json.dumps(r)}", flush=True)
+        doc["jobs"][job] = r
+        doc["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__,
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1))
+    if args.json:
+        print(table(list(doc["jobs"].values())))
+
+
+if __name__ == "__main__":
+    main()
