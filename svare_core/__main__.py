@@ -16,7 +16,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", default=None, help="VAE file (Infinity checkpoints need one)")
     p.add_argument("--text-encoder", default=None, help="text encoder folder (Infinity: google/flan-t5-xl)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of the transformer; weights are cast as they stream in (Infinity: bf16)")
+    p.add_argument("--vae-device", default=None, help="where the VAE runs (default: --device)")
+    p.add_argument("--text-device", default="cpu", help="where the text encoder runs (cpu or cuda)")
+    p.add_argument("--text-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="text encoder precision (default: bf16 for Flan-T5, fp32 for the toy model's)")
+    p.add_argument("--text-offload", action="store_true",
+                   help="keep the text encoder on the CPU and move it to --text-device only to encode")
     p.add_argument("--patch", action="append", default=[], help="erasure patch to apply (repeatable)")
     p.add_argument("--strength", type=float, action="append", default=[], help="strength per --patch (default 1)")
 
@@ -47,7 +54,9 @@ def _load(args):
     from . import load_pipeline
     from .erasure import ErasurePatch, apply_patch
 
-    pipe = load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype,
+                         vae_device=args.vae_device, text_device=args.text_device, text_dtype=args.text_dtype,
+                         text_offload=args.text_offload)
     for i, path in enumerate(args.patch):
         strength = args.strength[i] if i < len(args.strength) else 1.0
         pipe = apply_patch(pipe, ErasurePatch.load(path), strength)

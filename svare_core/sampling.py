@@ -89,12 +89,13 @@ def decode_preview(pipe: VARPipeline, step: ScaleStep, index: int = 0) -> torch.
 @torch.no_grad()
 def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settings: SamplerSettings | None = None,
              scales=None, aspect_ratio: str = "1:1", preset: str = "1M",
-             callback: Callable[[ScaleStep], None] | None = None, return_logits: bool = False) -> SampleResult:
+             callback: Callable[[ScaleStep], None] | None = None, return_logits: bool = False,
+             decode: bool = True) -> SampleResult:
     """Draw one image per prompt. Image ``i`` uses the seed ``seed + i``.
 
     ``scales`` overrides the schedule; otherwise the model's own (small models) or Infinity's
     table for ``aspect_ratio`` and ``preset``. ``callback`` runs after every scale and may raise
-    (e.g. Cancelled) to stop.
+    (e.g. Cancelled) to stop. ``decode=False``: tokens only (``images`` is empty), no VAE decode.
     """
     s = settings or SamplerSettings()
     s.validate()
@@ -140,7 +141,8 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
         if guided:
             g = s.cfg_at(i, n)
             logits = g * logits[:B] + (1 - g) * logits[B:]
-        probs = torch.softmax(logits / s.tau, dim=-1)[..., 1].float().cpu()
+        # In fp32 whatever the model's precision: bf16 probabilities would move top-p's cut.
+        probs = torch.softmax(logits.float() / s.tau, dim=-1)[..., 1].cpu()
         u = torch.stack([torch.rand((n_tok, d), generator=gen) for gen in gens])
         bits = sample_bits(probs, u, s.top_k, s.top_p).to(model.device)
         all_bits.append(bits)
@@ -150,5 +152,6 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
         if i + 1 < n:
             nxt = model.word_embed(next_input(summed, scales[i + 1], patch).to(model.dtype))
             x = torch.cat([nxt, nxt]) if guided else nxt
-    return SampleResult(_decode_images(pipe, summed), [b.cpu() for b in all_bits], summed.cpu(), scales,
+    images = _decode_images(pipe, summed) if decode else torch.empty(B, 0, 0, 3)
+    return SampleResult(images, [b.cpu() for b in all_bits], summed.cpu(), scales,
                         [seed + i for i in range(B)], all_logits if return_logits else None)

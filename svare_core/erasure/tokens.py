@@ -52,7 +52,7 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
             if path is not None and path.exists():
                 rows.append(load_file(str(path))["bits"].float())
                 continue
-            res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales)
+            res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False)
             bits = torch.cat(res.bits, dim=1)
             if path is not None:
                 atomic_save_safetensors({"bits": bits.to(torch.uint8)}, path, {"prompt": prompt, "seed": str(seed)})
