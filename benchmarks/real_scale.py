@@ -175,7 +175,11 @@ def _text(dtype: str | None):
         load_s = time.time() - t0
         feats, _ = enc.encode(["a photo of a cat on a sofa"])
         n = sum(p.numel() for p in enc.model.parameters())
-        return {"seconds": load_s, "params": n, "layers": T5_LAYERS, "dtype": str(enc.dtype), "width": feats.shape[-1],
+        from transformers import T5Config, T5EncoderModel
+        with torch.device("meta"):   # the real 24-layer encoder, counted without memory
+            full = sum(p.numel() for p in T5EncoderModel(T5Config(num_layers=24, **T5_XL)).parameters())
+        return {"seconds": load_s, "params": n, "layers": T5_LAYERS, "params_24_layers": full,
+                "bytes_24_layers": full * enc.dtype.itemsize, "dtype": str(enc.dtype), "width": feats.shape[-1],
                 "weight_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters())}
     return job
 
@@ -269,6 +273,10 @@ def run_child(job: str, out: Path) -> None:
     except Exception as e:  # noqa: BLE001 - a refused or failed job is a result too
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     result["rss_after_imports_bytes"] = baseline
+    # VmHWM belongs to this process's own address space (new at exec), unlike wait4's ru_maxrss, which
+    # a child inherits from a large parent.
+    with open("/proc/self/status") as fh:
+        result["peak_rss_bytes"] = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -285,8 +293,8 @@ def run_job(job: str, out: Path, timeout: float) -> dict:
     result = next((json.loads(ln[7:]) for ln in lines if ln.startswith("RESULT ")), None)
     if result is None:
         result = {"ok": False, "error": "no result (killed or crashed)", "tail": "".join(lines[-5:])[-800:]}
-    result.update(job=job, wall_seconds=time.time() - t0, peak_rss_bytes=usage.ru_maxrss * 1024,
-                  exit_status=os.waitstatus_to_exitcode(status))
+    result.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)   # a child that died reports none itself
+    result.update(job=job, wall_seconds=time.time() - t0, exit_status=os.waitstatus_to_exitcode(status))
     return result
 
 
@@ -313,7 +321,8 @@ def table(results: list[dict]) -> str:
         if r["job"].startswith("inspect"):
             note = (r.get("output") or [""])[-1][:60]
         if r["job"].startswith("text"):
-            note = f"{r.get('layers')} of 24 layers, {r.get('dtype')}"
+            note = f"{r.get('layers')} of 24 layers, {r.get('dtype')}; 24 layers: {r.get('params_24_layers', 0) / 1e9:.2f}B " \
+                   f"parameters, {_gb(r.get('bytes_24_layers'))} GB"
         rows.append(f"| {r['job']} | {'yes' if r.get('ok') else 'no'} | {_s(r.get('wall_seconds'))} | {_s(t)} | "
                     f"{_gb(r.get('peak_rss_bytes'))} | {_gb(r.get('weight_bytes'))} | {_gb(r.get('peak_vram_bytes'))} | "
                     f"{note.replace('|', '/')[:140]} |")

@@ -492,3 +492,16 @@ def test_student_copies_inference_tensors(tiny_pipeline):
     assert next(iter(frozen.state_dict().values())).is_inference()
     student = _student_copy(frozen, EraseConfig(trainable="lora"))
     assert not any(v.is_inference() for v in student.state_dict().values())
+
+
+def test_an_erasure_run_encodes_each_prompt_once(tiny_pipeline, monkeypatch):
+    """Flan-T5-XL is slow: the features of every prompt of a run are computed once and reused."""
+    seen: list[str] = []
+    real = type(tiny_pipeline.text_encoder)._encode_uncached
+    enc = tiny_pipeline.text_encoder
+    enc._cache.clear()
+    monkeypatch.setattr(enc, "_encode_uncached", lambda prompts: seen.extend(prompts) or real(enc, prompts))
+    erase(tiny_pipeline, PAIRS, EraseConfig(steps=3, lr=1e-3, pairs_per_step=2, aux_samples=2),
+          preserve_prompts=["a green heart", "a blue star"], scales=TINY_SCALES)
+    assert seen and len(seen) == len(set(seen)), seen
+    assert {p.unsafe for p in PAIRS} | {p.safe for p in PAIRS} <= set(seen)

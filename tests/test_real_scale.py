@@ -251,3 +251,17 @@ def test_offload_is_off_on_the_cpu_and_features_are_cached(tiny_t5):
     enc._encode_uncached = lambda prompts: calls.append(prompts)
     again, _ = enc.encode(["a red star"])
     assert torch.equal(first, again) and not calls
+
+
+def test_a_text_encoder_of_the_wrong_width_is_refused_before_the_transformer_loads(tiny_t5, tmp_path, monkeypatch):
+    from svare_core import load_pipeline
+
+    torch.save(dict(randomise(Infinity(tiny_transformer_config())).state_dict()), tmp_path / "m.pth")  # text_dim 384
+    torch.save({"vae": dict(BSQVAE(tiny_vae_config()).state_dict())}, tmp_path / "vae.pth")
+    loads = []
+    monkeypatch.setattr("svare_core.loader.load_transformer", lambda *a, **k: loads.append(a))
+    with pytest.raises(ModelLoadError, match="gives 64-wide features but m.pth expects 384"):
+        load_pipeline(tmp_path / "m.pth", vae=tmp_path / "vae.pth", text_encoder=tiny_t5)
+    with pytest.raises(ModelLoadError, match="holds no VAE"):
+        load_pipeline(tmp_path / "m.pth", text_encoder=tiny_t5)
+    assert not loads
