@@ -160,8 +160,14 @@ def _load(key: str, dtype: str):
         from svare_core.models.loading import load_transformer
         t0 = time.time()
         model = load_transformer(f[key], dtype=DTYPES[dtype])
+        seconds = time.time() - t0
+        from svare_core.models.format import state_dict_fingerprint
+        t1 = time.time()
+        exact = state_dict_fingerprint(model.state_dict(), exact=True)
+        fp_s = time.time() - t1
         n = sum(p.numel() for p in model.state_dict().values())
-        return {"seconds": time.time() - t0, "params": n,
+        return {"seconds": seconds, "params": n, "fingerprint_seconds": fp_s,
+                "source_fingerprint": model.source_fingerprint, "exact_fingerprint": exact,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
     return job
 
@@ -238,6 +244,38 @@ def _erase(preset: str, device: str, steps: int = 2):
     return job
 
 
+def _patch(f):
+    """A rank-4 LoRA patch on every attention projection of the 2B (the Infinity default): saved, loaded,
+    applied, stacked with a second one and removed again, in bf16 on the CPU."""
+    from svare_core.erasure import ErasurePatch, apply_patch, remove_patch
+    from svare_core.erasure.trainable import LORA_TARGETS
+    pipe = _pipeline(f, "bf16")
+    loaded_rss = _rss_now()
+    shapes = {k: v.shape for k, v in pipe.transformer.state_dict().items()
+              if k.startswith("block_chunks.") and k.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS["attn"]))}
+
+    def lora(seed):
+        g = torch.Generator().manual_seed(seed)
+        t = {}
+        for k, (o, i) in shapes.items():
+            t[k + ".lora_A"] = torch.randn(4, i, generator=g) * 0.01
+            t[k + ".lora_B"] = torch.randn(o, 4, generator=g) * 0.01
+        return ErasurePatch(t, {"concepts": [f"c{seed}"], "base_fingerprint": pipe.base_fingerprint, "lora_scale": 1.0})
+
+    t0 = time.time()
+    path = lora(1).save(Path(f["2b"]).parent / "lora_attn_r4.safetensors")
+    one = apply_patch(pipe, ErasurePatch.load(path))
+    t_apply = time.time() - t0
+    both = apply_patch(one, lora(2), 0.5)
+    back = remove_patch(remove_patch(both, 0), 0)
+    base = pipe.transformer.state_dict()
+    exact = all(torch.equal(v, base[k]) for k, v in back.transformer.state_dict().items())
+    return {"seconds": t_apply, "patch_file_bytes": path.stat().st_size, "patched_tensors": len(shapes),
+            "patched_values": sum(math.prod(s) for s in shapes.values()),
+            "rss_after_load_bytes": loaded_rss, "exact_removal": exact,
+            "weight_bytes": sum(v.numel() * v.element_size() for v in base.values())}
+
+
 def _inspect(key: str):
     def job(f):
         t0 = time.time()
@@ -257,6 +295,7 @@ JOBS = {
     "load_8b_fp32": (_load("8b_fp32", "fp32"), "cpu"),      # 33.5 GB: refused up front on a 24 GB machine
     "text_bf16": (_text(None), "cpu"),
     "text_fp32": (_text("fp32"), "cpu"),
+    "patch_2b_bf16": (_patch, "cpu"),
     "sample_2b_256": (_sample("0.06M", "cpu"), "cpu"),
     "erase_2b_256": (_erase("0.06M", "cpu"), "cpu"),
     "cuda_sample_2b_1024": (_sample("1M", "cuda"), "cuda"),
@@ -318,8 +357,14 @@ def table(results: list[dict]) -> str:
                    f"{r['trainable']} rank {r['lora_rank']}"
         if "seconds_per_image" in r:
             note = f"image {r['image']}, load {r['load_seconds']:.0f} s, finite {r['finite']}"
+        if r["job"].startswith("patch"):
+            note = f"LoRA r4 on {r.get('patched_tensors')} tensors ({r.get('patched_values', 0) / 1e9:.2f}B values), " \
+                   f"file {_gb(r.get('patch_file_bytes'))} GB, RSS after load {_gb(r.get('rss_after_load_bytes'))} GB, " \
+                   f"exact removal {r.get('exact_removal')}"
         if r["job"].startswith("inspect"):
             note = (r.get("output") or [""])[-1][:60]
+        if r["job"].startswith("load") and "fingerprint_seconds" in r:
+            note = f"fingerprint {r['source_fingerprint']} ({r['fingerprint_seconds']:.2f} s to recompute)"
         if r["job"].startswith("text"):
             note = f"{r.get('layers')} of 24 layers, {r.get('dtype')}; 24 layers: {r.get('params_24_layers', 0) / 1e9:.2f}B " \
                    f"parameters, {_gb(r.get('bytes_24_layers'))} GB"

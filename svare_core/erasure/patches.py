@@ -42,17 +42,20 @@ class ErasurePatch:
     def base_fingerprint(self) -> str | None:
         return self.meta.get("base_fingerprint")
 
+    def delta_names(self) -> list[str]:
+        """The parameters this patch changes."""
+        return [n[: -len(_LORA_A)] if n.endswith(_LORA_A) else n for n in self.tensors if not n.endswith(_LORA_B)]
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The dense fp32 delta of one parameter (a LoRA pair multiplied out)."""
+        if name + _LORA_A in self.tensors:
+            scale = float(self.meta.get("lora_scale", 1.0))
+            return scale * (self.tensors[name + _LORA_B].float() @ self.tensors[name + _LORA_A].float())
+        return self.tensors[name].float()
+
     def deltas(self) -> dict[str, torch.Tensor]:
         """Parameter name -> dense delta (LoRA factors multiplied out)."""
-        out = {}
-        scale = float(self.meta.get("lora_scale", 1.0))
-        for name, t in self.tensors.items():
-            if name.endswith(_LORA_A):
-                base = name[: -len(_LORA_A)]
-                out[base] = scale * (self.tensors[base + _LORA_B].float() @ t.float())
-            elif not name.endswith(_LORA_B):
-                out[name] = t.float()
-        return out
+        return {name: self.delta(name) for name in self.delta_names()}
 
     def num_values(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
@@ -85,18 +88,27 @@ class ErasurePatch:
 def _rebuild(pipe: VARPipeline, stack: list[tuple[ErasurePatch, float]]) -> VARPipeline:
     base: Infinity = pipe.base_transformer or pipe.transformer
     state = base.state_dict()
-    touched: dict[str, torch.Tensor] = {}
-    for patch, strength in stack:
-        for name, delta in patch.deltas().items():
+    names = list(dict.fromkeys(n for patch, _ in stack for n in patch.delta_names()))
+    for patch, _ in stack:
+        for name in patch.delta_names():
             if name not in state:
                 raise PatchError(f"patch for {patch.concepts} changes {name!r}, which this model does not have: "
                                  "it was made for another architecture")
-            if tuple(delta.shape) != tuple(state[name].shape):
-                raise PatchError(f"patch for {patch.concepts}: {name} has shape {tuple(delta.shape)}, the model "
+            shape = tuple(patch.tensors[name].shape) if name in patch.tensors else \
+                (patch.tensors[name + _LORA_B].shape[0], patch.tensors[name + _LORA_A].shape[1])
+            if shape != tuple(state[name].shape):
+                raise PatchError(f"patch for {patch.concepts}: {name} has shape {shape}, the model "
                                  f"{tuple(state[name].shape)}: it was made for another model")
-            acc = touched.get(name, state[name].float())
-            touched[name] = acc + strength * delta.to(acc.device)
-    new_state = {k: (touched[k].to(v.dtype) if k in touched else v) for k, v in state.items()}
+    # One parameter at a time: at real size a LoRA patch on the attention expands to ~1B values, which
+    # must never exist in fp32 all at once (on a 12 GB GPU the model itself takes 4.4).
+    new_state, changes = dict(state), [set(patch.delta_names()) for patch, _ in stack]
+    for name in names:
+        acc = state[name].float()
+        for (patch, strength), changed in zip(stack, changes):
+            if name in changed:
+                acc = acc + strength * patch.delta(name).to(acc.device)
+        new_state[name] = acc.to(state[name].dtype)
+        del acc
     with torch.device("meta"):
         model = Infinity(base.cfg)
     # Untouched tensors are shared with the base (no copy of a multi-GB model); touched ones are new.
