@@ -362,7 +362,7 @@ def table(results: list[dict]) -> str:
                    f"file {_gb(r.get('patch_file_bytes'))} GB, RSS after load {_gb(r.get('rss_after_load_bytes'))} GB, " \
                    f"exact removal {r.get('exact_removal')}"
         if r["job"].startswith("inspect"):
-            note = (r.get("output") or [""])[-1][:60]
+            note = next((ln.strip() for ln in r.get("output") or [] if "parameters" in ln), r.get("error", ""))
         if r["job"].startswith("load") and "fingerprint_seconds" in r:
             note = f"fingerprint {r['source_fingerprint']} ({r['fingerprint_seconds']:.2f} s to recompute)"
         if r["job"].startswith("text"):
