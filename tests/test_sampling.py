@@ -283,3 +283,12 @@ def test_too_many_scales_rejected(text_encoder):
     pipe = VARPipeline(Infinity(cfg).eval(), BSQVAE(tiny_vae_config()).eval(), text_encoder)
     with pytest.raises(ValueError, match="at most 6"):
         generate(pipe, ["a"], scales=infinity_schedule("1:1", "0.06M"))
+
+
+def test_tokens_only_draws_the_same_bits_without_decoding(tiny_pipeline, monkeypatch):
+    full = generate(tiny_pipeline, ["a red star"], seed=3)
+    import svare_core.sampling as sampling_module
+    monkeypatch.setattr(sampling_module, "_decode_images", lambda *a: pytest.fail("decoded although decode=False"))
+    bits_only = generate(tiny_pipeline, ["a red star"], seed=3, decode=False)
+    assert bits_only.images.numel() == 0
+    assert all(torch.equal(a, b) for a, b in zip(full.bits, bits_only.bits))
