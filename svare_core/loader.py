@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .models.loading import ModelLoadError, inspect_file, load_transformer, load_vae, read_checkpoint
+from .models.loading import (Checkpoint, ModelLoadError, load_transformer, load_vae, read_checkpoint,
+                             transformer_layout)
 from .models.text import TextEncoder, minilm_path
 from .pipeline import VARPipeline
 
@@ -79,15 +80,16 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     dtype = _dtype(dtype, "dtype")
     path = resolve_model_path(model)
     # Everything that can be checked in seconds is, before minutes of loading.
-    meta = read_checkpoint(path).metadata if path.suffix == ".safetensors" else {}
+    ckpt = read_checkpoint(path)                # opened once: checked here, then loaded
+    meta = ckpt.metadata
     vae_path = resolve_model_path(vae) if vae is not None else (path if "vae_config" in meta else None)
     if vae_path is None:
         raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
                              "Infinity-8B: infinity_vae_d56_f8_14_patchify.pth)")
     text_name = str(text_encoder or meta.get("text_encoder") or "")
     text_path = _resolve_text_encoder(text_name or None, path)
-    _check_text_width(path, text_path)
-    transformer = load_transformer(path, device=device, dtype=dtype)   # validates the file first
+    _check_text_width(ckpt, text_path)
+    transformer = load_transformer(ckpt, device=device, dtype=dtype)
     # The VAE is small and precision-sensitive: it stays in fp32 unless it shares the GPU.
     vae_device = vae_device or device
     vae_model = load_vae(vae_path, device=vae_device, token_bits=transformer.cfg.bits,
@@ -99,18 +101,16 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     return VARPipeline(transformer, vae_model, text, name=name, scales=scales, text_encoder_name=text_name)
 
 
-def _check_text_width(model_path: Path, text_path: Path) -> None:
+def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:
     """A text encoder whose width the transformer cannot read is refused before anything loads."""
     try:
         config = json.loads((text_path / "config.json").read_text())
     except (OSError, ValueError):
         return                                   # TextEncoder names the problem with the folder
     width = config.get("d_model") or config.get("hidden_size")
-    info = inspect_file(model_path)
-    expected = (info.config.get("transformer") or {}).get("text_dim") if info.family == "svare" \
-        else info.config.get("text_dim")
-    if width and expected and int(width) != int(expected):
-        raise ModelLoadError(f"{text_path}: this text encoder gives {width}-wide features but {model_path.name} "
+    expected = transformer_layout(ckpt)[0].text_dim
+    if width and int(width) != expected:
+        raise ModelLoadError(f"{text_path}: this text encoder gives {width}-wide features but {ckpt.path.name} "
                              f"expects {expected}: pair it with its own text encoder (Infinity: google/flan-t5-xl)")
 
 

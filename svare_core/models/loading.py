@@ -414,16 +414,22 @@ def _svare_names(ckpt: Checkpoint, part: str, config_cls, what: str) -> tuple[ob
     return cfg, {k[len(prefix):]: k for k in ckpt.state if k.startswith(prefix)}
 
 
-def load_transformer(path: str | Path, *, device="cpu", dtype: torch.dtype | None = torch.float32) -> Infinity:
-    """Load an Infinity transformer (released .pth / sharded safetensors, or a svare file), streaming."""
-    ckpt = read_checkpoint(path)
+def transformer_layout(ckpt: Checkpoint) -> tuple[InfinityConfig, dict[str, str]]:
+    """The Infinity config a checkpoint holds and its module key -> file key map (no values read)."""
     fam = identify(ckpt)
     if fam.name == "svare":
-        cfg, names = _svare_names(ckpt, "transformer", InfinityConfig, "transformer")
-    elif fam.name == "infinity":
-        cfg, names = infinity_config_from_shapes(ckpt), {k: k for k in ckpt.state}
-    else:
-        raise ModelLoadError(f"{path}: is a {fam.description}, not an Infinity transformer")
+        return _svare_names(ckpt, "transformer", InfinityConfig, "transformer")
+    if fam.name == "infinity":
+        return infinity_config_from_shapes(ckpt), {k: k for k in ckpt.state}
+    raise ModelLoadError(f"{ckpt.path}: is a {fam.description}, not an Infinity transformer")
+
+
+def load_transformer(path: str | Path | Checkpoint, *, device="cpu", dtype: torch.dtype | None = torch.float32
+                     ) -> Infinity:
+    """Load an Infinity transformer (released .pth / sharded safetensors, or a svare file), streaming.
+    ``path`` may be a Checkpoint already opened with read_checkpoint."""
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    cfg, names = transformer_layout(ckpt)
     return _build(Infinity, cfg, ckpt, names, device, dtype)
 
 

@@ -117,7 +117,7 @@ def _stream_t5(model_cls, config, path: Path, dtype: torch.dtype):
     state, read = {}, {}
     for k, src in source.items():
         if src not in read:
-            read[src] = ckpt.read(src).to(expected[k].dtype).clone()
+            read[src] = ckpt.read(src).to(expected[k].dtype)   # a fresh buffer per read: no copy to own
         state[k] = read[src]
     model.load_state_dict(state, assign=True)
     model.tie_weights()
