@@ -98,7 +98,10 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
                        dtype=_dtype(text_dtype, "text_dtype"), offload=text_offload)
     scales = transformer.cfg.scales or None
     name = str(model) if str(model) in BUNDLED else path.stem
-    return VARPipeline(transformer, vae_model, text, name=name, scales=scales, text_encoder_name=text_name)
+    # A svare file says which family it belongs to; released checkpoints are Infinity's.
+    family = meta.get("family", "infinity")
+    return VARPipeline(transformer, vae_model, text, name=name, family=family, scales=scales,
+                       text_encoder_name=text_name)
 
 
 def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:

@@ -18,6 +18,7 @@ class VARPipeline:
     vae: BSQVAE
     text_encoder: TextEncoder
     name: str = "model"
+    family: str = "infinity"                        # whose default settings apply (svare_core.families)
     scales: list[tuple[int, int]] | None = None   # the default schedule (small models); None: use presets
     text_encoder_name: str | None = None            # how model files refer to the text encoder ("minilm", a folder)
     patches: list = field(default_factory=list)     # (ErasurePatch, strength) applied, in order

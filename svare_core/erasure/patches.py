@@ -140,5 +140,5 @@ def merge_to_checkpoint(pipe: VARPipeline, path: str | Path) -> Path:
     concepts = [c for p, _ in pipe.patches for c in p.concepts]
     return save_model(path, transformer=pipe.transformer, vae=pipe.vae,
                       text_encoder=pipe.text_encoder_name, scales=pipe.scales,
-                      extra={"name": f"{pipe.name}-erased", "erased_concepts": concepts,
+                      extra={"name": f"{pipe.name}-erased", "family": pipe.family, "erased_concepts": concepts,
                              "base_fingerprint": pipe.base_fingerprint})

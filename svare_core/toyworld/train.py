@@ -202,7 +202,7 @@ def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
 # -- stage 4 --------------------------------------------------------------------------------------
 def export(out: Path, dest: Path, vae: BSQVAE, model: Infinity, s: TrainSettings, steps: int) -> Path:
     return save_model(dest, transformer=model, vae=vae, text_encoder="minilm", scales=TOY_SCALES,
-                      extra={"name": "toyworld", "train_settings": asdict(s), "transformer_steps": steps})
+                      extra={"name": "toyworld", "family": "toyworld", "train_settings": asdict(s), "transformer_steps": steps})
 
 
 def train_all(out: str | Path, s: TrainSettings, dest: str | Path | None = None) -> Path:
