@@ -11,8 +11,8 @@ from .models.loading import (Checkpoint, ModelLoadError, load_transformer, load_
                              transformer_layout)
 from .models.text import TextEncoder, minilm_path
 from .pipeline import VARPipeline
+from . import plugins
 
-BUNDLED = {"toyworld": Path(__file__).parent / "toyworld" / "weights" / "toyworld.safetensors"}
 TEXT_ENCODERS = {"minilm": minilm_path}
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -21,16 +21,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A bundled model name or a file path -> an existing file."""
     key = str(name_or_path)
-    if key in BUNDLED:
-        path = BUNDLED[key]
+    bundled = plugins.get("bundled_model", key)
+    if bundled is not None:
+        path = Path(bundled)
         if not path.exists():
-            raise ModelLoadError(f"the bundled model {key!r} is missing at {path}: reinstall the package "
-                                 "(or train it: python -m svare_core.toyworld train)")
+            raise ModelLoadError(f"the bundled model {key!r} is missing at {path}: reinstall the package")
         return path
     path = Path(key).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file. Give a model file (.safetensors, .pth, a shard index .json) "
-                             f"or one of the bundled names {sorted(BUNDLED)}")
+                             f"or one of the bundled names {plugins.names('bundled_model')}")
     return path
 
 
@@ -97,7 +97,7 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     text = TextEncoder(text_path, device=text_device,
                        dtype=_dtype(text_dtype, "text_dtype"), offload=text_offload)
     scales = transformer.cfg.scales or None
-    name = str(model) if str(model) in BUNDLED else path.stem
+    name = str(model) if plugins.get("bundled_model", str(model)) is not None else path.stem
     # A svare file says which family it belongs to; released checkpoints are Infinity's.
     family = meta.get("family", "infinity")
     return VARPipeline(transformer, vae_model, text, name=name, family=family, scales=scales,

@@ -11,7 +11,7 @@ import pytest
 
 from svare_core.__main__ import main
 from svare_core.erasure import ErasurePatch
-from svare_core.loader import BUNDLED
+from svare_core.toyworld.plugin import WEIGHTS as TOY_WEIGHTS
 from svare_core.models.format import save_model
 
 from conftest import TINY_SCALES
@@ -147,7 +147,7 @@ def test_erase_usage_errors(model_file, tmp_path):
 
 
 def test_demo(tmp_path):
-    if not BUNDLED["toyworld"].exists():
+    if not TOY_WEIGHTS.exists():
         pytest.skip("the bundled toy model is not trained yet")
     out = tmp_path / "demo"
     main(["demo", "--steps", "2", "--seeds", "1", "--grid-seeds", "1", "--out", str(out)])

@@ -135,7 +135,7 @@ def _tiny_model_file(pipe: VARPipeline, path: Path) -> Path:
 
 def test_load_var_bundled_toyworld(tiny_pipeline, tmp_path, monkeypatch):
     path = _tiny_model_file(tiny_pipeline, tmp_path / "toyworld.safetensors")
-    monkeypatch.setitem(svare_core.loader.BUNDLED, "toyworld", path)
+    monkeypatch.setitem(svare_core.plugins.registry()._items["bundled_model"], "toyworld", path)
     svare_core.loader.load_pipeline_cached.cache_clear()
     try:
         args = defaults("SvareLoadVAR", device="cpu")

@@ -9,7 +9,7 @@ import torch
 
 from svare_core import load_pipeline
 from svare_core.erasure.evaluate import quality_toy
-from svare_core.loader import BUNDLED
+from svare_core.toyworld.plugin import WEIGHTS as TOY_WEIGHTS
 from svare_core.toyworld import world
 
 
@@ -19,7 +19,7 @@ def toy():
 
 
 def test_weights_are_shipped_and_small():
-    path = BUNDLED["toyworld"]
+    path = TOY_WEIGHTS
     assert path.is_file(), f"the bundled model is missing: {path}"
     assert path.stat().st_size <= 40e6
 
