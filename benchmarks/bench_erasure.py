@@ -77,18 +77,18 @@ def main() -> None:
     import torch
 
     from svare_core import load_pipeline
-    from svare_core.defaults import TOY_ERASE, sampler_defaults
     from svare_core.erasure import ErasurePatch, apply_patch
-    from svare_core.erasure.evaluate import evaluate_toy
+    from svare_core.settings import family_of, resolve_sampler
+    from svare_core.toyworld.evaluate import evaluate_toy
 
     torch.set_num_threads(1)
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     base = load_pipeline("toyworld")
-    settings = sampler_defaults(base)
+    settings = resolve_sampler(base)
     runs = ([] if args.joint_only else [[c] for c in args.concepts]) + \
         ([] if args.no_joint or len(args.concepts) < 2 else [list(args.concepts)])
-    per_concept = args.steps or TOY_ERASE.steps
+    per_concept = args.steps or family_of(base).erase.steps
     rows = []
     for method in args.methods:
         for concepts in runs:

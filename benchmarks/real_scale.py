@@ -217,15 +217,13 @@ def _sample(preset: str, device: str):
 
 def _erase(preset: str, device: str, steps: int = 2):
     def job(f):
-        from dataclasses import replace
-
-        from svare_core.defaults import erase_defaults
         from svare_core.erasure import PromptPair, erase
+        from svare_core.settings import resolve_erase
         from svare_core.schedules import infinity_schedule
         t0 = time.time()
         pipe = _pipeline(f, "bf16", device=device)
         load_s = time.time() - t0
-        cfg = replace(erase_defaults(pipe), steps=steps)
+        cfg = resolve_erase(pipe, 1, steps=steps)
         pairs = [PromptPair("a painting in the style of Van Gogh", "a painting", "van gogh"),
                  PromptPair("a starry night by Van Gogh", "a starry night", "van gogh")]
         stamps = []

@@ -27,12 +27,12 @@ def main() -> None:
     import torch
 
     from svare_core import load_pipeline
-    from svare_core.defaults import sampler_defaults
-    from svare_core.erasure.evaluate import quality_toy
+    from svare_core.settings import resolve_sampler
+    from svare_core.toyworld.evaluate import quality_toy
 
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model)
-    base = sampler_defaults(pipe)
+    base = resolve_sampler(pipe)
     results = {}
     for cfg in [base.cfg] + [c for c in (args.cfg or []) if c != base.cfg]:
         s = replace(base, cfg=cfg)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from svare_core.schedules import aspect_ratios, presets
 
-from .defaults import SEED_MAX
+from .widgets import SEED_MAX
 
 
 def seed(default: int = 0, what: str = "Random seed: image i of a batch uses seed + i.") -> tuple:

@@ -5,7 +5,7 @@ from svare_core import SamplerSettings, generate, visual
 
 from . import comfy_adapter as comfy
 from . import common
-from .defaults import COMPARE, core_seed
+from .widgets import COMPARE, core_seed
 from .loaders import MODEL
 
 

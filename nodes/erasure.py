@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 from svare_core import visual
-from svare_core.defaults import erase_defaults
-from svare_core.erasure import ErasurePatch, apply_patch, build_pairs, erase
-from svare_core.erasure.pairs import preserve_prompts_for
-from svare_core.erasure.pairs import KINDS
-from svare_core.erasure.trainer import METHODS
+from svare_core.erasure import METHODS, ErasurePatch, apply_patch, build_pairs, erase
+from svare_core.erasure.pairs import pair_kinds, preserve_prompts_for
+from svare_core.settings import family_of, resolve_erase
 
 from . import comfy_adapter as comfy
 from . import common
-from .defaults import APPLY, ERASE, core_seed
+from .widgets import APPLY, AUTO, ERASE, core_seed
 from .loaders import MODEL
 
 PATCH = "SVARE_ERASURE_PATCH"
@@ -46,29 +43,34 @@ class EraseConcept:
                                    "'nude'. Several: comma-separated ('red, star')."}),
             "anchor": ("STRING", {"default": d["anchor"], "tooltip": "What to draw instead (a related, harmless "
                                   "concept), one per concept, comma-separated."}),
-            "kind": (list(KINDS), {"default": d["kind"], "tooltip": "Prompt templates for the concept: object, style, "
-                                   "nudity, or toy (attributes of the bundled toy world)."}),
+            "kind": ([AUTO, *pair_kinds()], {"default": d["kind"], "tooltip": "Prompt templates for the concept: "
+                                             "object, style, nudity, or toy (attributes of the bundled toy world); "
+                                             "auto: the model's (toy for the toy model, object for Infinity)."}),
             "pairs": ("STRING", {"default": "", "multiline": True,
                                  "tooltip": "Optional prompt pairs, one per line: 'unsafe prompt => safe prompt'. "
                                             "When given, they replace the templates."}),
             "method": (list(METHODS), {"default": d["method"], "tooltip": "svare: filtered CE + preservation "
                                        "(the paper's method); vare: plain CE; esd: ESD on the logits."}),
-            "steps": ("INT", {"default": d["steps"], "min": 1, "max": 100000,
-                              "tooltip": "Training iterations in all. The toy model needs about 200 per "
-                                         "concept: 600 for three concepts in one node."}),
-            "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 1e-7, "max": 1e-2, "step": 1e-6,
-                                        "round": False, "tooltip": "AdamW learning rate (Infinity-2B: about 2e-5)."}),
-            "trainable": (list(TRAINABLE), {"default": d["trainable"],
-                                            "tooltip": "Which weights learn: cross-attention and/or feed-forward "
-                                                       "layers (xattn_kv: only the text side of cross-"
-                                                       "attention), or LoRA adapters on the attention."}),
-            "lora_rank": ("INT", {"default": d["lora_rank"], "min": 1, "max": 128,
-                                  "tooltip": "Rank of the LoRA adapters (only for trainable = lora)."}),
-            "preservation_weight": ("FLOAT", {"default": d["preservation_weight"], "min": 0.0, "max": 10.0,
+            "steps": ("INT", {"default": d["steps"], "min": 0, "max": 100000,
+                              "tooltip": "Training iterations in all. 0: the model's, per concept (toy model 200, "
+                                         "Infinity 500; three concepts in one node: three times that)."}),
+            "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 0.0, "max": 1e-2, "step": 1e-6,
+                                        "round": False, "tooltip": "AdamW learning rate. 0: the model's (toy model "
+                                                                   "1e-3, Infinity 2.3e-5)."}),
+            "trainable": ([AUTO, *TRAINABLE], {"default": d["trainable"],
+                                               "tooltip": "Which weights learn: cross-attention and/or feed-forward "
+                                                          "layers (xattn_kv: only the text side of cross-"
+                                                          "attention), or LoRA adapters on the attention. auto: "
+                                                          "the model's (toy model xattn, Infinity lora)."}),
+            "lora_rank": ("INT", {"default": d["lora_rank"], "min": 0, "max": 128,
+                                  "tooltip": "Rank of the LoRA adapters (only for trainable = lora). 0: the model's (4)."}),
+            "preservation_weight": ("FLOAT", {"default": d["preservation_weight"], "min": -1.0, "max": 10.0,
                                               "step": 0.05, "tooltip": "Weight of the loss that keeps everything "
-                                              "else unchanged (svare only)."}),
-            "teacher_cfg": ("FLOAT", {"default": d["teacher_cfg"], "min": 1.0, "max": 20.0, "step": 0.1,
-                                      "tooltip": "Guidance of the frozen model that draws the safe targets."}),
+                                              "else unchanged (svare only; 0 = off). -1: the model's (toy model 1, "
+                                              "Infinity 0.5)."}),
+            "teacher_cfg": ("FLOAT", {"default": d["teacher_cfg"], "min": 0.0, "max": 20.0, "step": 0.1,
+                                      "tooltip": "Guidance of the frozen model that draws the safe targets. 0: the "
+                                                 "model's (toy model 3, Infinity 4)."}),
             "preserve_prompts": ("STRING", {"default": "", "multiline": True,
                                             "tooltip": "Optional prompts (one per line) whose images must not "
                                                        "change."}),
@@ -77,11 +79,15 @@ class EraseConcept:
 
     def erase(self, model, concept, anchor, kind, pairs, method, steps, learning_rate, trainable, lora_rank,
               preservation_weight, teacher_cfg, preserve_prompts, seed):
+        kind = family_of(model).pair_kind if kind == AUTO else kind
         prompt_pairs = build_pairs(concept, anchor, kind, pairs)
-        # The widgets override the per-family defaults; the rest (targets per prompt, batch, precision) stays.
-        config = replace(erase_defaults(model), method=method, steps=steps, lr=learning_rate, trainable=trainable,
-                         lora_rank=lora_rank, preservation_weight=preservation_weight, teacher_cfg=teacher_cfg,
-                         seed=core_seed(seed))
+        # What a widget leaves at "auto" is the model family's; the rest (targets per prompt, batch, precision)
+        # has no widget and is the family's too.
+        config = resolve_erase(model, prompt_pairs, method=method, steps=steps or None, lr=learning_rate or None,
+                               trainable=None if trainable == AUTO else trainable, lora_rank=lora_rank or None,
+                               preservation_weight=None if preservation_weight < 0 else preservation_weight,
+                               teacher_cfg=teacher_cfg or None, seed=core_seed(seed))
+        steps = config.steps
         bar, history, every = comfy.progress(steps), [], max(1, steps // 25)
 
         def on_step(step):

@@ -6,7 +6,7 @@ import torch
 from svare_core import VARPipeline, hub, load_pipeline_cached
 
 from . import comfy_adapter as comfy
-from .defaults import LOADER
+from .widgets import LOADER
 
 MODEL = "SVARE_VAR_MODEL"
 BUNDLED = "toyworld (bundled)"

@@ -7,7 +7,7 @@ import torch
 
 from svare_core import safety
 
-from .defaults import SAFETY
+from .widgets import SAFETY
 
 
 class SafetyScore:

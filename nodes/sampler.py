@@ -5,7 +5,7 @@ from svare_core import SamplerSettings, generate
 
 from . import comfy_adapter as comfy
 from . import common
-from .defaults import SAMPLER, core_seed
+from .widgets import SAMPLER, core_seed
 from .loaders import MODEL
 
 

@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -36,13 +35,15 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-# Training options of demo and erase (EraseConfig fields); None keeps the model family's default.
+# Training options of demo and erase (EraseConfig fields; preserve_cfg a research knob, for the
+# ablation benchmark); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
                  ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float))
 
 
-ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)"}
+ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)",
+              "preserve_per_step": "preservation prompts in each preservation step, per concept"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
@@ -64,15 +65,10 @@ def _load(args):
 
 
 def _settings(args, pipe):
-    from .defaults import sampler_defaults
+    from .settings import resolve_sampler
 
-    s = sampler_defaults(pipe)
-    for name in ("cfg", "tau", "top_p", "top_k"):
-        if getattr(args, name, None) is not None:
-            s = replace(s, **{name: getattr(args, name)})
-    if getattr(args, "negative_prompt", None):
-        s = replace(s, negative_prompt=args.negative_prompt)
-    return s
+    return resolve_sampler(pipe, **{name: getattr(args, name, None) for name in ("cfg", "tau", "top_p", "top_k")},
+                           negative_prompt=getattr(args, "negative_prompt", None) or None)
 
 
 def _scale_bar(total: int, desc: str):
@@ -113,21 +109,13 @@ def _pairs_from_args(args):
 
 
 def _erase_config(args, pipe, pairs=()):
-    from .defaults import erase_defaults
+    from .settings import resolve_erase
 
-    cfg = erase_defaults(pipe)
-    concepts = {p.concept for p in pairs if p.concept}
-    if len(concepts) > 1:
-        # The default budget is per concept: several concepts share the iterations of one run.
-        cfg = replace(cfg, steps=cfg.steps * len(concepts))
-    for name in (*(opt for opt, _ in ERASE_OPTIONS), "seed"):
-        v = getattr(args, name, None)
-        if v is not None:
-            cfg = replace(cfg, **{name: v})
-    return cfg
+    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")})
 
 
 def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
+    """erase() with a progress bar showing the losses."""
     from .erasure import erase
 
     bar = tqdm(total=cfg.steps, desc=desc, unit="step")
@@ -145,6 +133,7 @@ def cmd_erase(args) -> None:
     from .erasure.pairs import preserve_prompts_for
 
     pipe = _load(args)
+    args.kind = args.kind or _family(pipe).pair_kind
     pairs = _pairs_from_args(args)
     cfg = _erase_config(args, pipe, pairs)
     result = _run_erase(pipe, pairs, cfg, preserve_prompts_for(pairs, args.kind, args.preserve))
@@ -154,9 +143,14 @@ def cmd_erase(args) -> None:
           f"({path.stat().st_size / 1e6:.2f} MB)")
 
 
+def _family(pipe):
+    from .settings import family_of
+    return family_of(pipe)
+
+
 def cmd_evaluate(args) -> None:
-    from .defaults import is_toy
-    from .erasure.evaluate import evaluate_toy, evaluate_with_detector
+    from . import plugins
+    from .erasure.evaluate import evaluate_with_detector
     from .erasure.pairs import template_prompts
     from .loader import load_pipeline
 
@@ -166,9 +160,10 @@ def cmd_evaluate(args) -> None:
     if not concepts:
         raise SystemExit("name the erased concepts with --concept, or give --patch files that record them")
     settings = _settings(args, base)
-    detector = args.detector or ("toyworld" if is_toy(base) else None)
-    if detector == "toyworld":
-        report = evaluate_toy(base, erased, concepts, seeds=args.seeds, settings=settings)
+    detector = args.detector or _family(base).evaluation
+    evaluation = plugins.get("evaluation", detector) if detector else None
+    if evaluation is not None:
+        report = evaluation(base, erased, concepts, seeds=args.seeds, settings=settings)
     elif detector is None:
         raise SystemExit("for a real model choose the judge: --detector nudenet (nudity) or clip (objects, styles; "
                          "with --clip-model FOLDER)")
@@ -197,50 +192,13 @@ def cmd_inspect(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job: erase a concept from the toy model, write a before/after grid and the report."""
-    from . import generate
-    from .erasure import apply_patch, expand_concept
-    from .erasure.evaluate import evaluate_toy
-    from .toyworld import world
-    from .erasure.pairs import preserve_prompts_for
-    from .visual import labelled_grid
+    from .toyworld.demo import run_demo
 
-    t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     base = _load(args)
-    cfg = _erase_config(args, base)
-    pairs = expand_concept(args.concept, args.anchor, "toy")
-    result = _run_erase(base, pairs, cfg, preserve_prompts_for(pairs, "toy", args.preserve),
-                        desc=f"erasing '{args.concept}'")
-    result.patch.save(out / f"erase_{args.concept}.safetensors")
-    erased = apply_patch(base, result.patch)
-    settings = _settings(args, base)
-    attr = next(a for a, vs in world.VALUES.items() if args.concept in vs)
-    other = "shape" if attr != "shape" else "colour"
-    prompts = [world.full_caption(**{attr: args.concept, other: v}) for v in world.VALUES[other][:4]]
-    prompts += [world.full_caption(**{attr: args.anchor, other: world.VALUES[other][0]}),
-                world.full_caption(shape="heart" if args.concept != "heart" else "square",
-                                   colour="green" if args.concept != "green" else "white")]
-    rows = []
-    for model in tqdm([base, erased], desc="grid", unit="model"):
-        res = generate(model, [p for p in prompts for _ in range(args.grid_seeds)], seed=args.seed, settings=settings)
-        rows.append(res.images)
-    cells = [[rows[m][i * args.grid_seeds + s] for m in range(2) for s in range(args.grid_seeds)]
-             for i in range(len(prompts))]
-    cols = [f"{name} #{s}" for name in ("before", "after") for s in range(args.grid_seeds)]
-    labelled_grid(cells, prompts, cols).save(out / "before_after.png")
-    report = evaluate_toy(base, erased, [args.concept], seeds=args.seeds, settings=settings)
-    report["train_seconds"] = round(result.seconds, 1)
-    report["total_seconds"] = round(time.time() - t0, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    c = report["concepts"][args.concept]
-    print(f"\nerased '{args.concept}' -> '{args.anchor}' in {result.seconds:.0f} s "
-          f"(total {report['total_seconds']:.0f} s)\n"
-          f"  erasure rate {c['erasure_rate']:.1%} (base model: {c['base_absent_rate']:.1%} absent), "
-          f"paraphrases {c['paraphrase_erasure_rate']:.1%}\n"
-          f"  preservation: concept prompts {c['preservation_on_concept_prompts']:.1%}, "
-          f"unrelated prompts {report['unrelated']['preservation_unrelated']:.1%}\n"
-          f"wrote {out / 'before_after.png'}, {out / 'report.json'}, {out / f'erase_{args.concept}.safetensors'}")
+    print(run_demo(base, _erase_config(args, base), _settings(args, base), _run_erase, concept=args.concept,
+                   anchor=args.anchor, out=args.out, preserve=args.preserve, seeds=args.seeds,
+                   grid_seeds=args.grid_seeds, seed=args.seed, started=started))
 
 
 def main(argv=None) -> None:
@@ -275,7 +233,7 @@ def main(argv=None) -> None:
     _add_model_args(e)
     e.add_argument("--concept", action="append", default=[], help="repeatable: several concepts in one run")
     e.add_argument("--anchor", action="append", default=[], help="one per --concept")
-    e.add_argument("--kind", default="toy", help="object, style, nudity, or toy")
+    e.add_argument("--kind", default=None, help="object, style, nudity, or toy (default: the model family's)")
     e.add_argument("--pairs", default=None, help="a .json/.csv/.txt file of pairs, or 'unsafe => safe; ...'")
     e.add_argument("--preserve", action="append", default=[], help="preservation prompt (repeatable)")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")
@@ -289,7 +247,8 @@ def main(argv=None) -> None:
     v.add_argument("--concept", action="append", default=[])
     v.add_argument("--seeds", type=int, default=4)
     v.add_argument("--json", default=None, help="write the report here")
-    v.add_argument("--detector", default=None, help="judge: toyworld (default for the toy model), nudenet, clip, open_nsfw")
+    v.add_argument("--detector", default=None,
+                   help="judge: nudenet, clip, open_nsfw, or toyworld (the default for the toy model: its oracle)")
     v.add_argument("--kind", default="object", help="templates for the concept prompts of real models: object, style, nudity")
     v.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept present'")
     v.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")

@@ -120,12 +120,12 @@ def test_erase_default_steps_are_per_concept(tiny_pipeline, tmp_path):
     from argparse import Namespace
 
     from svare_core.__main__ import ERASE_OPTIONS, _erase_config, _pairs_from_args
-    from svare_core.defaults import erase_defaults
+    from svare_core.settings import family_of
     from svare_core.erasure import build_pairs
 
     unset = Namespace(**{name: None for name, _ in ERASE_OPTIONS}, seed=None)
     one, two = build_pairs("red", "blue", "toy"), build_pairs(["red", "star"], ["blue", "circle"], "toy")
-    per_concept = erase_defaults(tiny_pipeline).steps
+    per_concept = family_of(tiny_pipeline).erase.steps
     assert _erase_config(unset, tiny_pipeline, one).steps == per_concept
     assert _erase_config(unset, tiny_pipeline, two).steps == 2 * per_concept
     assert _erase_config(Namespace(**{**vars(unset), "steps": 7}), tiny_pipeline, two).steps == 7   # given: as is

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from svare_core.erasure import losses
-from svare_core.erasure.trainer import _token_mask
+from svare_core.erasure.methods import supervised_tokens as _token_mask
 
 from conftest import TINY_SCALES
 

@@ -237,7 +237,7 @@ def test_preserve_prompts_for_several_concepts_and_user_prompts():
 
 @pytest.mark.parametrize("concept, anchor", [("red", "blue"), ("star", "circle"), ("striped", "solid")])
 def test_unseen_evaluation_prompts_are_never_trained_on(concept, anchor):
-    from svare_core.erasure.evaluate import unseen_prompts
+    from svare_core.toyworld.evaluate import unseen_prompts
 
     trained = {p.unsafe for p in expand_concept(concept, anchor, "toy")}
     unseen = unseen_prompts(concept)

@@ -11,7 +11,8 @@ import copy
 import torch
 
 import svare_core
-from svare_core.erasure import EraseConfig, apply_patch, erase, expand_concept, losses, trainer
+from svare_core.erasure import EraseConfig, apply_patch, erase, expand_concept, losses, trainer, with_options
+from svare_core.erasure.run import ErasureRun
 from svare_core.erasure import tokens as tokens_module
 from svare_core.erasure.tokens import auxiliary_tokens
 from svare_core.erasure.trainable import DENSE_SETS, LORA_TARGETS
@@ -30,7 +31,7 @@ PROBE_X = torch.randn(2, L - 1, 8, generator=torch.Generator().manual_seed(5))
 
 def run(pipe, pairs=PAIRS, **kw):
     kw = {"steps": 2, "lr": 1e-3, **kw}
-    return erase(pipe, pairs, EraseConfig(**kw))
+    return erase(pipe, pairs, with_options(EraseConfig(), **kw))
 
 
 def state_copy(model) -> dict[str, torch.Tensor]:
@@ -49,13 +50,13 @@ def spy(monkeypatch):
     seen = {}
     original = trainer._make_patch
 
-    def make_patch(pipe, frozen, student, params, lora, *args, **kw):
+    def make_patch(run, *args, **kw):
         with torch.no_grad():
-            cond = student.encode_text(*pipe.encode_prompts(PROBE_PROMPTS))
-            seen["logits"] = student(cond, PROBE_X, TINY_SCALES)
-            seen["params"] = {n: p.detach().clone() for n, p in params.items()}
-            seen["base"] = {n: p.detach().clone() for n, p in frozen.named_parameters()}
-        return original(pipe, frozen, student, params, lora, *args, **kw)
+            cond = run.student.encode_text(*run.pipe.encode_prompts(PROBE_PROMPTS))
+            seen["logits"] = run.student(cond, PROBE_X, TINY_SCALES)
+            seen["params"] = {n: p.detach().clone() for n, p in run.params.items()}
+            seen["base"] = {n: p.detach().clone() for n, p in run.frozen.named_parameters()}
+        return original(run, *args, **kw)
 
     monkeypatch.setattr(trainer, "_make_patch", make_patch)
     return seen
@@ -139,13 +140,13 @@ def test_cross_attention_sets_train_only_their_tensors(tiny_pipeline, trainable,
 
 def test_preserve_per_step_sets_the_preservation_batch(tiny_pipeline, monkeypatch):
     batches = []
-    original = trainer._student_on_samples
+    original = ErasureRun.on_samples
 
-    def recording(pipe, student, prompts, *args, **kw):
+    def recording(self, prompts, *args, **kw):
         batches.append(list(prompts))
-        return original(pipe, student, prompts, *args, **kw)
+        return original(self, prompts, *args, **kw)
 
-    monkeypatch.setattr(trainer, "_student_on_samples", recording)
+    monkeypatch.setattr(ErasureRun, "on_samples", recording)
     preserve = ["a green heart", "a yellow square", "a white circle"]
     safe = [p.safe for p in PAIRS]
     for k, expected_extra in ((0, 0), (2, 2), (5, 3)):
@@ -158,7 +159,10 @@ def test_preserve_per_step_sets_the_preservation_batch(tiny_pipeline, monkeypatc
     # per concept: two concepts in one run draw twice as many (untagged pairs count as one concept)
     two = expand_concept("red", "blue", "toy")[:1] + expand_concept("star", "circle", "toy")[:1]
     batches.clear()
-    erase(tiny_pipeline, two, EraseConfig(steps=1, lr=1e-3, preserve_per_step=1), preserve_prompts=preserve)
+    from svare_core.settings import resolve_erase
+    config = resolve_erase(tiny_pipeline, two, steps=1, lr=1e-3, preserve_per_step=1, trainable="xattn_ffn",
+                           precision="fp32", gradient_checkpointing=False)
+    erase(tiny_pipeline, two, config, preserve_prompts=preserve)
     assert len(batches[0]) == len(two) + 2
     with pytest.raises(ValueError, match="preserve_per_step"):
         EraseConfig(preserve_per_step=-1).validate()
@@ -194,13 +198,13 @@ def test_erase_works_under_inference_mode(text_encoder):
                                                          ("vare", 0.5, 3, {"erase"})])
 def test_svare_steps_twice_per_iteration(tiny_pipeline, monkeypatch, method, weight, calls, keys):
     seen = []
-    original = trainer._optimizer_step
+    original = ErasureRun.optimize
 
-    def counted(loss, params, opt, cfg):
+    def counted(self, loss):
         seen.append(loss.detach().clone())
-        return original(loss, params, opt, cfg)
+        return original(self, loss)
 
-    monkeypatch.setattr(trainer, "_optimizer_step", counted)
+    monkeypatch.setattr(ErasureRun, "optimize", counted)
     res = run(tiny_pipeline, method=method, steps=3, preservation_weight=weight)
     assert len(seen) == calls
     assert all(set(h) - {"step"} == keys for h in res.history)
@@ -233,13 +237,13 @@ def test_preservation_uses_the_preserve_prompts(tiny_pipeline, drawn):
 @pytest.mark.parametrize("preserve_cfg, expected", [(None, 3.0), (1.0, 1.0), (2.5, 2.5)])
 def test_preserve_cfg_sets_only_the_preservation_teacher(tiny_pipeline, monkeypatch, drawn, preserve_cfg, expected):
     guidance = []
-    original = trainer._guided
+    original = ErasureRun.frozen_logits
 
-    def guided(pipe, model, prompts, x, scales, cfg_scale, tau):
+    def guided(self, prompts, x, cfg_scale, tau=1.0):
         guidance.append(cfg_scale)
-        return original(pipe, model, prompts, x, scales, cfg_scale, tau)
+        return original(self, prompts, x, cfg_scale, tau)
 
-    monkeypatch.setattr(trainer, "_guided", guided)
+    monkeypatch.setattr(ErasureRun, "frozen_logits", guided)
     run(tiny_pipeline, teacher_cfg=3.0, preserve_cfg=preserve_cfg)
     assert guidance and set(guidance) == {expected}
     assert drawn["cfg"] and set(drawn["cfg"]) == {3.0}, "the auxiliary tokens keep the teacher's CFG"
@@ -248,14 +252,14 @@ def test_preserve_cfg_sets_only_the_preservation_teacher(tiny_pipeline, monkeypa
 @pytest.mark.parametrize("student_cfg", [1.0, 3.0])
 def test_student_cfg_puts_the_losses_on_the_guided_logits(tiny_pipeline, monkeypatch, student_cfg):
     calls = []
-    original = trainer._student_logits
+    original = ErasureRun.student_logits
 
-    def recording(pipe, student, prompts, x, scales, cfg, device, guidance):
-        out = original(pipe, student, prompts, x, scales, cfg, device, guidance)
+    def recording(self, prompts, x, guidance):
+        out = original(self, prompts, x, guidance)
         calls.append((list(prompts), x.clone(), out.detach().clone()))
         return out
 
-    monkeypatch.setattr(trainer, "_student_logits", recording)
+    monkeypatch.setattr(ErasureRun, "student_logits", recording)
     run(tiny_pipeline, steps=1, student_cfg=student_cfg)
     assert len(calls) == 2                       # the erase pass, then the preservation pass
     prompts, x, seen = calls[0]                  # before the first update the student is the base model
@@ -298,7 +302,7 @@ def test_nan_guard_gives_up_with_advice(tiny_pipeline, monkeypatch):
     monkeypatch.setattr(losses, "filtered_ce", nan_filtered_ce)
     seen = []
     with pytest.raises(FloatingPointError, match=r"3 steps in a row.*lower the learning rate \(now 0.001\)"):
-        erase(tiny_pipeline, PAIRS, EraseConfig(steps=20, lr=1e-3, max_bad_steps=3, preservation_weight=0),
+        erase(tiny_pipeline, PAIRS, with_options(EraseConfig(), steps=20, lr=1e-3, max_bad_steps=3, preservation_weight=0),
               callback=seen.append)
     assert len(seen) == 2
 
@@ -403,10 +407,10 @@ def test_gradient_checkpointing_is_used_and_exact(tiny_pipeline, monkeypatch):
                                        ({"student_cfg": 0.0}, "student_cfg")])
 def test_config_validation(tiny_pipeline, monkeypatch, kw, match):
     with pytest.raises(ValueError, match=match):
-        EraseConfig(**kw).validate()
+        with_options(EraseConfig(), **kw).validate()
     monkeypatch.setattr(tokens_module, "generate", lambda *a, **k: pytest.fail("validated too late"))
     with pytest.raises(ValueError, match=match):
-        erase(tiny_pipeline, PAIRS, EraseConfig(**kw))
+        erase(tiny_pipeline, PAIRS, with_options(EraseConfig(), **kw))
     EraseConfig().validate()
 
 
@@ -443,7 +447,11 @@ def test_svare_erases_the_pair_and_preserves_the_safe_prompt(tiny_pipeline):
     def logits(model, prompts):
         return model(model.encode_text(*pipe.encode_prompts(prompts)), x, scales)
 
-    teacher = trainer._guided(pipe, pipe.transformer, safe, x, scales, 4.0, 1.0)
+    base = pipe.transformer
+    with torch.no_grad():                                       # the CFG-guided teacher of L_Pre
+        feats, mask = pipe.encode_prompts(safe)
+        teacher = losses.guided_logits(base(base.encode_text(feats, mask), x, scales),
+                                       base(base.encode_text(base.uncond_features(mask), mask), x, scales), 4.0, 1.0)
     base_safe = logits(pipe.transformer, safe)
 
     def measure(model):

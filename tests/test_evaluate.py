@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from svare_core.erasure import ErasurePatch, apply_patch
-from svare_core.erasure.evaluate import (_diversity, _frechet, concept_prompts, evaluate_toy, paraphrase_prompts,
-                                         quality_toy, unrelated_prompts, unseen_prompts)
+from svare_core.erasure.evaluate import diversity as _diversity
+from svare_core.erasure.evaluate import frechet_distance as _frechet
+from svare_core.toyworld.evaluate import (concept_prompts, evaluate_toy, paraphrase_prompts, quality_toy,
+                                          unrelated_prompts, unseen_prompts)
 from svare_core.toyworld import world
 
 ALL_VALUES = [v for a in ("shape", "colour", "style") for v in world.VALUES[a]]
@@ -180,7 +182,8 @@ def test_evaluate_with_detector(tiny_pipeline, monkeypatch):
 
 
 def test_accuracy_ignores_every_erased_value():
-    from svare_core.erasure.evaluate import PromptSpec, _accuracy
+    from svare_core.erasure.evaluate import PromptSpec
+    from svare_core.toyworld.evaluate import _accuracy
 
     specs = [PromptSpec("a red star", {"colour": "red", "shape": "star"}),
              PromptSpec("a green circle", {"colour": "green", "shape": "circle"})]

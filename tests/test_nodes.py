@@ -15,7 +15,7 @@ from conftest import TINY_SCALES
 
 import svare_core.loader
 from svare_core import VARPipeline, hub
-from svare_core.defaults import erase_defaults
+from svare_core.settings import family_of
 from svare_core.erasure import ErasurePatch
 from svare_core.models.format import save_model
 from svare_core.toyworld import world
@@ -213,7 +213,7 @@ def test_erase_concept_gives_patch_curve_and_report(tiny_patch):
     assert patch.base_fingerprint == pipe.base_fingerprint
     assert curve.dtype == torch.float32 and curve.ndim == 4 and curve.shape[0] == 1 and curve.shape[-1] == 3
     assert "striped" in report and "svare" in report
-    hidden = erase_defaults(pipe)                    # what the widgets do not set comes from the core defaults
+    hidden = family_of(pipe).erase                   # what the widgets do not set comes from the core defaults
     assert patch.meta["hyperparameters"]["pairs_per_step"] == hidden.pairs_per_step
     assert patch.meta["hyperparameters"]["aux_samples"] == hidden.aux_samples
 

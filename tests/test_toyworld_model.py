@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from svare_core import load_pipeline
-from svare_core.erasure.evaluate import quality_toy
+from svare_core.toyworld.evaluate import quality_toy
 from svare_core.toyworld.plugin import WEIGHTS as TOY_WEIGHTS
 from svare_core.toyworld import world
 

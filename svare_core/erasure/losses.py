@@ -15,11 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def bit_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-bit cross-entropy l_tb, shape (B, L, d)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
+from ..models.bitwise import bit_losses
 
 
 def keep_mask(losses: torch.Tensor, bit_threshold: float = math.log(2), token_error_rate: float = 0.25) -> torch.Tensor:
@@ -48,6 +44,17 @@ def filtered_ce(logits: torch.Tensor, labels: torch.Tensor, *, bit_threshold: fl
 def plain_ce(logits: torch.Tensor, labels: torch.Tensor, *, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Naive VARE: bitwise CE on every token."""
     return _token_mean(bit_losses(logits, labels).mean(-1), token_mask)
+
+
+def scale_mask(scales, chosen, device=None) -> torch.Tensor:
+    """(L,) mask over a sequence of scales: 1 on the tokens of the ``chosen`` scale indices."""
+    offsets = [0]
+    for h, w in scales:
+        offsets.append(offsets[-1] + h * w)
+    mask = torch.zeros(offsets[-1], device=device)
+    for s in chosen:
+        mask[offsets[s]:offsets[s + 1]] = 1
+    return mask
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg: float, tau: float = 1.0) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Prompt pairs (unsafe prompt c_u -> safe anchor c_s) that differ only in the concept.
 
 Pairs come from the user (a file, or lines "unsafe => safe"), or are expanded from a concept and
-an anchor through templates of a kind: object, style, nudity, or the toy world's attributes.
+an anchor by a kind: the templates object, style and nudity, or a plug-in's kind (the toy world's
+attributes: svare_core/toyworld/pairs.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+from .. import plugins
 
 
 @dataclass(frozen=True)
@@ -37,43 +41,40 @@ TEMPLATES: dict[str, list[str]] = {
                "a painting of a {} figure", "a {} couple in a garden", "a portrait of a {} model"],
 }
 DEFAULT_ANCHORS = {"nudity": "dressed", "style": "a generic artist"}
-KINDS = (*TEMPLATES, "toy")
 
 
-def _mentions(prompt: str, concept: str) -> bool:
+def mentions(prompt: str, concept: str) -> bool:
+    """Whether ``prompt`` names ``concept`` as a whole word."""
     return re.search(rf"(?<!\w){re.escape(concept.lower())}(?!\w)", prompt.lower()) is not None
 
 
-def toy_training_scenes(attribute: str) -> list[dict[str, str]]:
-    """The fully specified scenes (both other attributes and the background) that toy pairs name:
-    half of the combinations of the two other attributes, checkerboard-wise, so every value meets
-    about half of the other's; the background alternates. Evaluation holds out the other half."""
-    from ..toyworld import world
-
-    names = [a for a in ("shape", "colour", "style") if a != attribute]
-    first, second = (world.VALUES[a] for a in names)
-    combos = [(a, b) for i, a in enumerate(first) for j, b in enumerate(second) if (i + j) % 2 == 0]
-    backgrounds = world.VALUES["background"]
-    return [{names[0]: a, names[1]: b, "background": backgrounds[k % len(backgrounds)]} for k, (a, b) in enumerate(combos)]
+@dataclass(frozen=True)
+class PairKind:
+    """How concepts of one kind become prompt pairs, and what is preserved when the user says nothing."""
+    name: str
+    expand: Callable[[str, str], list[PromptPair]]            # (concept, anchor) -> pairs
+    preserve_prompts: Callable[[str], list[str]] = lambda concept: []
+    default_anchor: str = ""
 
 
-def toy_pairs(concept: str, anchor: str) -> list[PromptPair]:
-    """Pairs for a toy-world attribute value: the value alone, with each value of one other
-    attribute, and in a few fully specified scenes (so long prompts learn it too)."""
-    from ..toyworld import world
+def _template_kind(kind: str) -> PairKind:
+    return PairKind(kind, lambda c, a: [PromptPair(u, s, c) for u, s in zip(template_prompts(c, kind),
+                                                                           template_prompts(a, kind))],
+                    default_anchor=DEFAULT_ANCHORS.get(kind, ""))
 
-    attribute = next((a for a, values in world.VALUES.items() if concept in values), None)
-    if attribute is None:
-        known = sorted(v for vs in world.VALUES.values() for v in vs)
-        raise ValueError(f"{concept!r} is not a toy-world value; choose one of {known}")
-    if anchor not in world.VALUES[attribute]:
-        raise ValueError(f"anchor {anchor!r} must be another {attribute} of the toy world: {world.VALUES[attribute]}")
-    others = [a for a in ("shape", "colour", "style") if a != attribute]
-    scenes = [{}] + [{others[0]: v} for v in world.VALUES[others[0]]] + [{others[1]: v} for v in world.VALUES[others[1]]]
-    if attribute != "background":
-        scenes += toy_training_scenes(attribute)
-    return [PromptPair(world.full_caption(**{attribute: concept}, **scene), world.full_caption(**{attribute: anchor}, **scene),
-                       concept) for scene in scenes]
+
+def pair_kinds() -> list[str]:
+    """The template kinds, then those plug-ins add."""
+    return [*TEMPLATES, *(k for k in plugins.names("pair_kind") if k not in TEMPLATES)]
+
+
+def pair_kind(kind: str) -> PairKind:
+    if kind in TEMPLATES:
+        return _template_kind(kind)
+    found = plugins.get("pair_kind", kind)
+    if found is None:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {tuple(pair_kinds())}")
+    return found
 
 
 def template_prompts(concept: str, kind: str = "object") -> list[str]:
@@ -88,16 +89,13 @@ def expand_concept(concept: str, anchor: str | None = None, kind: str = "object"
     concept = (concept or "").strip()
     if not concept:
         raise ValueError("the concept to erase is empty: name it, e.g. 'red' or 'Van Gogh'")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
-    anchor = (anchor or DEFAULT_ANCHORS.get(kind, "")).strip()
+    how = pair_kind(kind)
+    anchor = (anchor or how.default_anchor).strip()
     if not anchor:
         raise ValueError(f"give an anchor concept to draw instead of {concept!r} (e.g. a related but harmless one)")
     if anchor.lower() == concept.lower():
         raise ValueError(f"the anchor {anchor!r} is the concept itself: choose a different one")
-    if kind == "toy":
-        return toy_pairs(concept, anchor)
-    return [PromptPair(u, s, concept) for u, s in zip(template_prompts(concept, kind), template_prompts(anchor, kind))]
+    return how.expand(concept, anchor)
 
 
 def parse_pairs(text: str, concept: str | None = None) -> list[PromptPair]:
@@ -138,7 +136,7 @@ def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:
         raise ValueError("no prompt pairs: give pairs, or a concept and an anchor")
     seen, unique = set(), []
     for p in pairs:
-        if p.concept and not _mentions(p.unsafe, p.concept):
+        if p.concept and not mentions(p.unsafe, p.concept):
             raise ValueError(f"the unsafe prompt {p.unsafe!r} does not mention the concept {p.concept!r}: "
                              "each unsafe prompt must name what is erased")
         if p.unsafe.strip().lower() == p.safe.strip().lower():
@@ -155,7 +153,7 @@ def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:
 
 def name_concepts(pairs: list[PromptPair], concepts: list[str]) -> list[PromptPair]:
     """Tag each untagged pair with the first of ``concepts`` its unsafe prompt names."""
-    return [p if p.concept else PromptPair(p.unsafe, p.safe, next((c for c in concepts if _mentions(p.unsafe, c)), ""))
+    return [p if p.concept else PromptPair(p.unsafe, p.safe, next((c for c in concepts if mentions(p.unsafe, c)), ""))
             for p in pairs]
 
 
@@ -175,7 +173,8 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
     anchors = anchors * len(concepts) if len(anchors) == 1 else anchors or [None] * len(concepts)
     pairs = [p for c, a in zip(concepts, anchors) for p in expand_concept(c, a, kind)]
     if len(concepts) > 1:
-        pairs = _joint_targets(pairs, dict(zip(concepts, (a or DEFAULT_ANCHORS.get(kind, "") for a in anchors))))
+        default = pair_kind(kind).default_anchor
+        pairs = _joint_targets(pairs, dict(zip(concepts, (a or default for a in anchors))))
     return validate_pairs(pairs)
 
 
@@ -189,7 +188,7 @@ def _joint_targets(pairs: list[PromptPair], anchors: dict[str, str]) -> list[Pro
         for concept, anchor in anchors.items():
             if concept != p.concept:
                 safe = substitute(safe, concept, anchor)
-        if not any(_mentions(safe, c) for c in anchors):
+        if not any(mentions(safe, c) for c in anchors):
             out.setdefault((p.unsafe.lower(), safe.lower()), PromptPair(p.unsafe, safe, p.concept))
     return list(out.values())
 
@@ -206,27 +205,9 @@ def substitute(prompt: str, concept: str, replacement: str) -> str:
 
 
 def default_preserve_prompts(concept: str, kind: str) -> list[str]:
-    """Prompts whose images must not change, when the user gives none.
-
-    For the toy world: the other values of the concept's attribute alone, with a shape and with a
-    style (cycled so every value of the other attributes appears), and every value of the other
-    attributes alone, so the model keeps drawing "a green star", "an outlined orange shape" and
-    "an outlined shape" while "red" goes. For real-model kinds, none: only the anchors are preserved
-    unless the user names more.
-    """
-    if kind != "toy":
-        return []
-    from ..toyworld import world
-
-    attribute = next(a for a, values in world.VALUES.items() if concept in values)
-    others = [a for a in ("shape", "colour", "style") if a != attribute]
-    prompts = []
-    for i, value in enumerate(v for v in world.VALUES[attribute] if v != concept):
-        prompts.append(world.full_caption(**{attribute: value}))
-        for other in others:
-            prompts.append(world.full_caption(**{attribute: value, other: world.VALUES[other][i % len(world.VALUES[other])]}))
-    prompts += [world.full_caption(**{other: v}) for other in others for v in world.VALUES[other]]
-    return list(dict.fromkeys(prompts))
+    """Prompts whose images must not change when the user gives none: the kind's choice (for the
+    template kinds, none: only the anchors are preserved unless the user names more)."""
+    return list(pair_kind(kind).preserve_prompts(concept))
 
 
 def preserve_prompts_for(pairs: list[PromptPair], kind: str, given: list[str] | None = None) -> list[str]:
@@ -237,4 +218,4 @@ def preserve_prompts_for(pairs: list[PromptPair], kind: str, given: list[str] | 
     unsafe = {p.unsafe for p in pairs}
     prompts = [q for c in concepts for q in default_preserve_prompts(c, kind)]
     # Several concepts at once: a default for one may name another ("a star" when erasing red and star).
-    return [q for q in dict.fromkeys(prompts) if q not in unsafe and not any(_mentions(q, c) for c in concepts)]
+    return [q for q in dict.fromkeys(prompts) if q not in unsafe and not any(mentions(q, c) for c in concepts)]

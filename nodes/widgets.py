@@ -1,17 +1,21 @@
-"""Widget defaults of the nodes, in one place. Sampling and erasure values come from svare_core.defaults
-(tuned for the bundled toy model); Infinity users change them as docs/nodes.md says."""
-from svare_core.defaults import TOY_ERASE, TOY_SAMPLER
+"""Initial widget values of the nodes, in one place.
+
+Settings that depend on the model (sampling and erasure) start at "auto": the node resolves them
+from the loaded model's family (svare_core.settings), so one workflow fits the toy model and
+Infinity alike; a value the user types overrides the family's.
+"""
+AUTO = "auto"
 
 SAMPLER = {
     "prompt": "a striped red star on a black background",
-    "cfg": float(TOY_SAMPLER.cfg), "tau": TOY_SAMPLER.tau, "top_p": TOY_SAMPLER.top_p, "top_k": TOY_SAMPLER.top_k,
+    "cfg": 3.0, "tau": 1.0, "top_p": 0.0, "top_k": 0,
     "aspect_ratio": "1:1", "resolution": "1M", "batch_size": 1, "seed": 0,
 }
+# 0 (and -1 for preservation_weight, where 0 means "off") stands for the family's value.
 ERASE = {
-    "concept": "striped", "anchor": "solid", "kind": "toy", "method": TOY_ERASE.method,
-    "steps": TOY_ERASE.steps, "learning_rate": TOY_ERASE.lr, "trainable": TOY_ERASE.trainable,
-    "lora_rank": TOY_ERASE.lora_rank, "preservation_weight": TOY_ERASE.preservation_weight,
-    "teacher_cfg": TOY_ERASE.teacher_cfg, "seed": 0,
+    "concept": "striped", "anchor": "solid", "kind": AUTO, "method": "svare",
+    "steps": 0, "learning_rate": 0.0, "trainable": AUTO, "lora_rank": 0, "preservation_weight": -1.0,
+    "teacher_cfg": 0.0, "seed": 0,
 }
 APPLY = {"strength": 1.0}
 COMPARE = {

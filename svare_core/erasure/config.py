@@ -1,0 +1,91 @@
+"""What an erasure run does: the settings a user chooses, and the knobs kept for ablations.
+
+Unset values come from the model family (``svare_core.settings.resolve_erase``); the field
+defaults here are the paper's recipe for Infinity-2B.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .trainable import DENSE_SETS, LORA_TARGETS
+
+METHOD_NAMES = ("svare", "vare", "esd")
+
+
+@dataclass
+class Research:
+    """Knobs for ablations and benchmarks, at the paper's values; users have no reason to change them."""
+    bit_threshold: float = math.log(2)    # a bit is "wrong" when its CE is above this
+    supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
+    preserve_cfg: float | None = None     # CFG of L_Pre's teacher alone (None: teacher_cfg, as the paper)
+    teacher_tau: float = 1.0
+    aux_top_p: float = 0.97
+    esd_eta: float = 1.0
+    grad_clip: float = 5.0
+    weight_decay: float = 0.005
+    betas: tuple[float, float] = (0.9, 0.97)
+    max_bad_steps: int = 10               # consecutive non-finite losses before giving up
+
+
+@dataclass
+class EraseConfig:
+    method: str = "svare"                 # svare | vare (naive: plain CE, no preservation) | esd
+    steps: int = 500                      # iterations in all
+    lr: float = 2.3e-5
+    trainable: str = "xattn_ffn"          # xattn_ffn | xattn | xattn_kv | ffn | all_blocks | lora
+    lora_rank: int = 4
+    lora_targets: str = "attn"            # attn | xattn | xattn_out | attn_ffn
+    preservation_weight: float = 0.5      # lambda of L_Pre
+    preserve_per_step: int = 1            # preservation prompts in each L_Pre step (besides the safe ones)
+    pairs_per_step: int = 2
+    teacher_cfg: float = 4.0              # CFG of the frozen teacher (auxiliary tokens and L_Pre)
+    student_cfg: float = 1.0              # CFG on the student's logits in the losses (1: plain conditional, as the paper)
+    token_error_rate: float = 0.25        # S-VARE's filter: tokens with fewer wrong bits do not learn
+    aux_samples: int = 1                  # auxiliary images per safe prompt
+    seed: int = 0
+    precision: str = "fp32"               # fp32 | bf16 (CUDA autocast)
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None          # auxiliary-token cache
+    research: Research = field(default_factory=Research)
+
+    def validate(self) -> None:
+        r = self.research
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHOD_NAMES}")
+        if self.steps < 1 or self.lr <= 0 or self.pairs_per_step < 1 or self.preserve_per_step < 0:
+            raise ValueError("steps, lr and pairs_per_step must be positive, preserve_per_step not negative")
+        if r.preserve_cfg is not None and r.preserve_cfg <= 0:
+            raise ValueError(f"preserve_cfg must be positive (1 = no guidance) or None, got {r.preserve_cfg}")
+        if self.student_cfg <= 0:
+            raise ValueError(f"student_cfg must be positive (1 = the plain conditional pass), got {self.student_cfg}")
+        if r.supervised_scales not in ("all", "first"):
+            raise ValueError(f"supervised_scales must be 'all' or 'first', got {r.supervised_scales!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        # Checked here too, so a typo fails before the (slow) auxiliary-token generation.
+        if self.trainable != "lora" and self.trainable not in DENSE_SETS:
+            raise ValueError(f"unknown trainable set {self.trainable!r}; choose one of {sorted(DENSE_SETS)} or 'lora'")
+        if self.trainable == "lora" and self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"unknown LoRA targets {self.lora_targets!r}; choose one of {sorted(LORA_TARGETS)}")
+        if self.trainable == "lora" and self.lora_rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.lora_rank}")
+
+    def options(self) -> dict:
+        """Every setting by name, the research knobs included (what a patch records)."""
+        flat = {k: v for k, v in asdict(self).items() if k not in ("research", "cache_dir")}
+        return {**flat, **asdict(self.research)}
+
+
+USER_OPTIONS = tuple(f.name for f in fields(EraseConfig) if f.name != "research")
+RESEARCH_OPTIONS = tuple(f.name for f in fields(Research))
+
+
+def with_options(config: EraseConfig, **options) -> EraseConfig:
+    """``config`` with settings changed by name; research knobs may be named too (``supervised_scales=...``)."""
+    unknown = sorted(set(options) - set(USER_OPTIONS) - set(RESEARCH_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown erasure setting(s) {unknown}; known: {sorted(USER_OPTIONS + RESEARCH_OPTIONS)}")
+    research = {k: v for k, v in options.items() if k in RESEARCH_OPTIONS}
+    user = {k: v for k, v in options.items() if k in USER_OPTIONS}
+    return replace(config, **user, research=replace(config.research, **research))
