@@ -1,7 +1,7 @@
 """Default settings per model family, in one place (CLI, nodes and scripts read them from here).
 
 Infinity's values are the authors' (sampling: cfg 4, tau 0.5, top-p 0.97 for 2B; erasure: lr 2.3e-5,
-500 iterations). The toy model's were tuned on the toy world (see README, "Results on the toy world").
+500 iterations). The toy model's were tuned on the toy world (see docs/results.md).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ INFINITY_SAMPLER = SamplerSettings(cfg=4.0, tau=0.5, top_k=0, top_p=0.97)
 # 25% token filter (8 bits): with it nothing at scale 0 learns and erasure stays at 0% (measured);
 # 3% (1 bit) keeps the filter's point (tokens already right get no gradient).
 # Cross-attention only: on this model, training the FFN too (the paper's set) lets the erasure leak
-# into prompts that never name the concept. Chosen from tuning runs; the README's "Ablations" confirm
+# into prompts that never name the concept. Chosen from tuning runs; the "Ablations" of docs/results.md confirm
 # it on fresh seeds (unrelated preservation 92-95% a concept and 88.5% for three at once, against 98-100%).
 # Losses on the guided logits (student_cfg = the sampler's CFG): trained on the plain conditional pass,
 # the student's small errors came out of CFG 3 amplified (washed-out, wrongly styled images for erased
