@@ -13,7 +13,7 @@ On two cores, the halves can run side by side (one thread each) and be joined:
     python benchmarks/bench_erasure.py --methods vare esd --out b.json; wait
     python benchmarks/bench_erasure.py --combine a.json b.json --out docs/erasure_results.json
 
-Prints a markdown table (the one in the README) and writes all numbers as JSON.
+Prints a markdown table (the one in docs/results.md) and writes all numbers as JSON.
 """
 from __future__ import annotations
 

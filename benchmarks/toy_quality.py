@@ -1,4 +1,4 @@
-"""Quality of the bundled toy model, judged by the oracle: the numbers in the README.
+"""Quality of the bundled toy model, judged by the oracle: the numbers in docs/toy-model.md.
 
     python benchmarks/toy_quality.py --out docs/toy_quality.json
 

@@ -35,7 +35,7 @@ def test_loads_without_network(monkeypatch):
 
 
 def test_quality_on_a_small_sample(toy):
-    # A looser bound than the README's 500+ image measurement, to keep CI fast.
+    # A looser bound than the 500+ image measurement of docs/toy-model.md, to keep CI fast.
     q = quality_toy(toy, seeds=2, seed=7, max_prompts=24)
     assert q["num_images"] == 48
     assert q["colour"] >= 0.8, q
