@@ -90,3 +90,16 @@ def test_readme_commands_are_makefile_targets():
         assert re.search(rf"^make {target}\b", readme, re.M), f"README lost `make {target}`"
         assert re.search(rf"^{target}:", makefile, re.M), f"Makefile has no `{target}` target"
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_the_python_api_example_runs(tmp_path, monkeypatch):
+    """docs/python-api.md's example, as written, with two training steps instead of the family's 200."""
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S)[1]
+    assert "resolve_erase(pipe, pairs)" in code
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code.replace("resolve_erase(pipe, pairs)", "resolve_erase(pipe, pairs, steps=2)"),
+                 "python-api.md", "exec"), scope)
+    assert scope["images"].shape == (1, 64, 64, 3) and scope["result"].patch.concepts == ["red"]
+    assert (tmp_path / "no_red.safetensors").is_file() and scope["erased"].patches
