@@ -172,7 +172,7 @@ class _FeatureText:
 def worker_ours(job: dict) -> dict:
     import torch
     from svare_core.models.infinity import Infinity
-    from svare_core.models.loading import load_transformer, load_vae
+    from svare_core.models import load_transformer, load_vae
     from svare_core.models.vae import BSQVAE
     from svare_core.pipeline import VARPipeline
     from svare_core.sampling import SamplerSettings, generate

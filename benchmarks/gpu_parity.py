@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from svare_core.models.loading import load_transformer  # noqa: E402
+from svare_core.models import load_transformer  # noqa: E402
 from svare_core.models.text import pad_features  # noqa: E402
 from svare_core.schedules import infinity_schedule  # noqa: E402
 

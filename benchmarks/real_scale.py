@@ -157,7 +157,7 @@ def _pipeline(f, dtype: str, device: str = "cpu", text_device: str = "cpu", text
 def _load(key: str, dtype: str):
     def job(f):
         from svare_core.loader import DTYPES
-        from svare_core.models.loading import load_transformer
+        from svare_core.models import load_transformer
         t0 = time.time()
         model = load_transformer(f[key], dtype=DTYPES[dtype])
         seconds = time.time() - t0

@@ -8,7 +8,7 @@
 The core never imports ComfyUI; the node pack in ``nodes/`` is a thin layer over this API.
 """
 from .loader import load_pipeline, load_pipeline_cached, resolve_model_path
-from .models.loading import ModelLoadError, inspect_file
+from .models import ModelLoadError, inspect_file
 from .pipeline import VARPipeline
 from .sampling import Cancelled, SampleResult, SamplerSettings, ScaleStep, decode_preview, generate
 

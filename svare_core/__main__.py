@@ -181,7 +181,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from .models.loading import ModelLoadError, inspect_file
+    from .models import ModelLoadError, inspect_file
 
     try:
         print(inspect_file(args.path).summary())
@@ -260,7 +260,7 @@ def main(argv=None) -> None:
 
     args = p.parse_args(argv)
     from .erasure.patches import PatchError
-    from .models.loading import ModelLoadError
+    from .models import ModelLoadError
 
     try:
         args.func(args)

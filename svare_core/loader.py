@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .models.loading import (Checkpoint, ModelLoadError, load_transformer, load_vae, read_checkpoint,
-                             transformer_layout)
+from .models.checkpoint import Checkpoint, ModelLoadError, read_checkpoint
+from .models.registry import has_part, layout_of, load_transformer, load_vae
 from .models.text import TextEncoder, minilm_path
 from .pipeline import VARPipeline
 from . import plugins
@@ -51,9 +51,10 @@ def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = No
                   text_offload: bool = False) -> VARPipeline:
     """Load a text-to-image VAR model.
 
-    ``model``: "toyworld" (bundled), a svare .safetensors file (may hold the VAE too), or an
-    Infinity checkpoint (.pth or a sharded .safetensors index), which then needs ``vae`` and
-    ``text_encoder`` (a local folder of google/flan-t5-xl). The VAE and text encoder may stay on
+    ``model``: "toyworld" (bundled), a svare .safetensors file (may hold the VAE too), or a
+    released transformer checkpoint of a registered architecture (svare_core.models.registry), e.g.
+    Infinity's (.pth or a sharded .safetensors index), which then needs ``vae`` and
+    ``text_encoder`` (Infinity: a local folder of google/flan-t5-xl). The VAE and text encoder may stay on
     the CPU while the transformer runs on the GPU (``vae_device``, ``text_device``).
     ``text_dtype``: None = bf16 for Flan-T5 (fp32 for the toy model's small encoder); ``text_offload``:
     the text encoder lives on the CPU and moves to ``text_device`` only to encode prompts.
@@ -82,7 +83,7 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     # Everything that can be checked in seconds is, before minutes of loading.
     ckpt = read_checkpoint(path)                # opened once: checked here, then loaded
     meta = ckpt.metadata
-    vae_path = resolve_model_path(vae) if vae is not None else (path if "vae_config" in meta else None)
+    vae_path = resolve_model_path(vae) if vae is not None else (path if has_part(ckpt, "vae") else None)
     if vae_path is None:
         raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
                              "Infinity-8B: infinity_vae_d56_f8_14_patchify.pth)")
@@ -111,7 +112,7 @@ def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:
     except (OSError, ValueError):
         return                                   # TextEncoder names the problem with the folder
     width = config.get("d_model") or config.get("hidden_size")
-    expected = transformer_layout(ckpt)[0].text_dim
+    expected = layout_of(ckpt, "transformer").config.text_dim
     if width and int(width) != expected:
         raise ModelLoadError(f"{text_path}: this text encoder gives {width}-wide features but {ckpt.path.name} "
                              f"expects {expected}: pair it with its own text encoder (Infinity: google/flan-t5-xl)")

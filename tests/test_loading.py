@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from svare_core.loader import load_pipeline
 from svare_core.models.format import read_metadata, save_model
 from svare_core.models.infinity import Infinity
-from svare_core.models.loading import ModelLoadError, inspect_file, load_transformer, load_vae
+from svare_core.models import ModelLoadError, inspect_file, load_transformer, load_vae
 from svare_core.models.vae import BSQVAE
 from svare_core.pipeline import VARPipeline
 

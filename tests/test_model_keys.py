@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from svare_core.models.infinity import Infinity, infinity_2b, infinity_8b
-from svare_core.models.loading import (Checkpoint, identify, infinity_config_from_shapes, inspect_file,
-                                       vae_config_from_shapes)
+from svare_core.models.arch_infinity import infinity_config_from_shapes
+from svare_core.models.arch_infinity_vae import vae_config_from_shapes
+from svare_core.models.checkpoint import Checkpoint
+from svare_core.models.registry import identify, inspect_file
 from svare_core.models.vae import BSQVAE, vae_d32, vae_d56_patchify
 
 FIXTURES = Path(__file__).parent / "fixtures"

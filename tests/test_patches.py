@@ -15,7 +15,7 @@ from svare_core.erasure.patches import PATCH_VERSION
 from svare_core.models import format as fmt
 from svare_core.models.format import atomic_save_safetensors, save_model
 from svare_core.models.infinity import Infinity
-from svare_core.models.loading import load_transformer
+from svare_core.models import load_transformer
 
 from conftest import TINY_SCALES, randomise, tiny_transformer_config
 

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from svare_core.erasure.patches import ErasurePatch, apply_patch, remove_patch
-from svare_core.models import loading
+from svare_core.models import registry
 from svare_core.models.format import sample_indices, state_dict_fingerprint
 from svare_core.models.infinity import Infinity
-from svare_core.models.loading import ModelLoadError, load_transformer
+from svare_core.models import ModelLoadError, load_transformer
 from svare_core.models.vae import BSQVAE
 from svare_core.pipeline import VARPipeline
 
@@ -119,7 +119,7 @@ def medium_files(tmp_path_factory) -> dict[str, Path]:
 
 _MEASURE = textwrap.dedent("""
     import json, sys, torch
-    from svare_core.models.loading import load_transformer
+    from svare_core.models import load_transformer
     def rss(field):
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field))
@@ -195,7 +195,7 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 def test_a_load_that_cannot_fit_is_refused_before_allocating(tmp_path, monkeypatch):
     torch.save(dict(randomise(Infinity(tiny_transformer_config())).state_dict()), tmp_path / "m.pth")
-    monkeypatch.setattr(loading, "_free_bytes", lambda device: 1000)
+    monkeypatch.setattr(registry, "_free_bytes", lambda device: 1000)
     allocated = []
     real_to_empty = torch.nn.Module.to_empty
     monkeypatch.setattr(torch.nn.Module, "to_empty", lambda self, **kw: allocated.append(1) or real_to_empty(self, **kw))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import svare_core.sampling as sampling
 from svare_core.models.bitwise import quantize_multiscale, teacher_forcing_inputs
-from svare_core.models.loading import load_transformer, load_vae
+from svare_core.models import load_transformer, load_vae
 from svare_core.models.text import pad_features
 from svare_core.pipeline import VARPipeline
 from svare_core.sampling import SamplerSettings, generate

@@ -1,7 +1,8 @@
 """The project's own model file: one safetensors file, configs in its metadata.
 
-Keys are prefixed by component (``transformer.``, ``vae.``); the metadata holds the JSON configs,
-the default scale schedule and the text encoder to pair with. Writes are atomic.
+Keys are prefixed by component (``transformer.``, ``vae.``); the metadata holds each component's
+registered architecture and JSON config, the default scale schedule and the text encoder to pair
+with. Writes are atomic.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from safetensors.torch import save_file
 
 FORMAT = "svare-var"
 FORMAT_VERSION = "1"
+# The architecture of each part of a file that does not name it (written before ``{part}_arch``
+# was recorded, like the bundled toy model): the project's first parts were Infinity's.
+DEFAULT_PART_ARCHS = {"transformer": "infinity", "vae": "infinity-vae"}
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
@@ -59,7 +63,9 @@ def load_unique_state_dict(module: torch.nn.Module, state: dict[str, torch.Tenso
 
 def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: str | None = None,
                scales=None, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Save a transformer and/or VAE with their configs into one safetensors file."""
+    """Save a transformer and/or VAE with their architectures and configs into one safetensors file."""
+    from .registry import architecture_of   # the registry reads this module's files: imported late
+
     tensors: dict[str, torch.Tensor] = {}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
     for prefix, module in (("transformer", transformer), ("vae", vae)):
@@ -67,6 +73,7 @@ def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: st
             continue
         for k, v in unique_state_dict(module).items():
             tensors[f"{prefix}.{k}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        meta[f"{prefix}_arch"] = architecture_of(module, prefix).name
         meta[f"{prefix}_config"] = json.dumps(module.cfg.to_dict())
     if text_encoder:
         meta["text_encoder"] = text_encoder

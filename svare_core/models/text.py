@@ -100,7 +100,7 @@ def _stream_t5(model_cls, config, path: Path, dtype: torch.dtype):
     """The encoder built on the meta device and filled one tensor at a time, cast as read: the
     full-precision file (Flan-T5-XL's holds the decoder too) is never held in memory. None when the
     folder is not plain safetensors or lacks a tensor (then transformers loads it)."""
-    from .loading import read_checkpoint
+    from .checkpoint import read_checkpoint
 
     weights = next((path / n for n in ("model.safetensors", "model.safetensors.index.json") if (path / n).is_file()), None)
     if weights is None:
