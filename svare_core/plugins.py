@@ -2,6 +2,7 @@
 
 A plug-in is a module with a ``register(registry)`` function. It may add, by name:
 
+- ``architecture``  a model architecture files are recognised as (:class:`svare_core.models.registry.Architecture`)
 - ``family``        default settings of a model family (:class:`svare_core.families.Family`)
 - ``bundled_model`` a model file shipped with the plug-in (name -> path)
 - ``pair_kind``     a way to expand a concept into prompt pairs and preservation prompts
@@ -22,7 +23,7 @@ from typing import Any
 
 BUILTIN = ("svare_core.toyworld.plugin",)
 ENTRY_POINT_GROUP = "svare_core.plugins"
-KINDS = ("family", "bundled_model", "pair_kind", "evaluation", "detector")
+KINDS = ("architecture", "family", "bundled_model", "pair_kind", "evaluation", "detector")
 
 
 class Registry:

@@ -157,3 +157,16 @@ def test_files_that_do_not_name_their_architectures_hold_infinity_parts():
 def test_saving_a_module_of_no_registered_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Toy is not the module of a registered transformer architecture"):
         save_model(tmp_path / "x.safetensors", transformer=Toy(ToyConfig(width=2)))
+
+
+def test_a_plug_in_brings_its_architecture(monkeypatch, tmp_path):
+    """A plug-in's "architecture" (svare_core.plugins) joins the built-in ones when the registry loads."""
+    from svare_core import plugins
+
+    monkeypatch.setitem(plugins.registry()._items["architecture"], TOY.name, TOY)
+    monkeypatch.setattr(registry, "_architectures", [])
+    monkeypatch.setattr(registry, "_loaded", False)
+    names = [a.name for a in registry.architectures()]
+    assert names[-1] == "toy" and "infinity" in names
+    path, _ = toy_file(tmp_path)
+    assert isinstance(load_transformer(path), Toy)

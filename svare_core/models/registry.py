@@ -10,7 +10,8 @@ metadata names the architecture and config of each part it holds, its tensors si
 part's prefix.
 
 Adding an architecture: write ``arch_<name>.py`` with an ``ARCHITECTURES`` tuple and add its module
-path to ``BUILTIN``; outside this package, call :func:`register`.
+path to ``BUILTIN``; outside this package, a plug-in registers it (kind "architecture"), or call
+:func:`register`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import plugins
 from .checkpoint import Checkpoint, ModelLoadError, read_checkpoint
 from .format import DEFAULT_PART_ARCHS, FORMAT, combine_digests, tensor_digest
 
@@ -96,7 +98,9 @@ def _load_builtin() -> None:
     with _lock:
         if not _loaded:
             # All imported before any is added: a failed import leaves the registry empty, not half full.
+            # Then those plug-ins bring (svare_core.plugins, kind "architecture").
             found = [arch for module in BUILTIN for arch in importlib.import_module(module).ARCHITECTURES]
+            found += [plugins.get("architecture", name) for name in plugins.names("architecture")]
             for arch in found:
                 _add(arch)
             _loaded = True
