@@ -46,6 +46,7 @@ def assert_state_equal(a: dict, b: dict) -> None:
 def test_save_load_round_trip(tiny_pipeline, tmp_path):
     patch = random_patch(tiny_pipeline)
     patch.tensors["block_chunks.0.module.0.ca.mat_q.weight.lora_A"] = torch.randn(2, 64)
+    patch.tensors["block_chunks.0.module.0.ca.mat_q.weight.lora_B"] = torch.randn(64, 2)
     patch.meta["concepts"] = ["red", "Van Gogh"]
     path = patch.save(tmp_path / "sub" / "erase_red.safetensors")
     assert path == tmp_path / "sub" / "erase_red.safetensors" and path.is_file()
@@ -206,9 +207,11 @@ def test_patch_for_another_base_is_refused_unless_forced(tiny_pipeline):
     apply_patch(patched, random_patch(tiny_pipeline, seed=4))
     with pytest.raises(PatchError, match="made for the base model"):
         apply_patch(patched, patch)
-    # a patch without a recorded base applies (hand-made patches)
+    # a patch without a recorded base fits nothing known: refused unless forced
     del patch.meta["base_fingerprint"]
-    apply_patch(tiny_pipeline, patch)
+    with pytest.raises(PatchError, match="records no base model fingerprint"):
+        apply_patch(tiny_pipeline, patch)
+    apply_patch(tiny_pipeline, patch, force=True)
 
 
 def test_patch_that_does_not_fit_the_model(tiny_pipeline):

@@ -50,7 +50,24 @@ class EraseConfig:
     research: Research = field(default_factory=Research)
 
     def validate(self) -> None:
+        """Refuse settings that cannot train (one line naming the setting), before any slow work."""
         r = self.research
+        for name, value in self.options().items():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in _WHOLE:
+            value = getattr(r if name in RESEARCH_OPTIONS else self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.aux_samples < 1 or r.max_bad_steps < 1:
+            raise ValueError("aux_samples and max_bad_steps must be at least 1")
+        if self.teacher_cfg <= 0 or r.teacher_tau <= 0 or r.grad_clip <= 0:
+            raise ValueError("teacher_cfg, teacher_tau and grad_clip must be positive")
+        if self.preservation_weight < 0 or not 0 <= self.token_error_rate <= 1 or not 0 <= r.aux_top_p <= 1:
+            raise ValueError("preservation_weight must not be negative; token_error_rate and aux_top_p lie in [0, 1]")
         if self.method not in METHOD_NAMES:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHOD_NAMES}")
         if self.steps < 1 or self.lr <= 0 or self.pairs_per_step < 1 or self.preserve_per_step < 0:
@@ -77,6 +94,7 @@ class EraseConfig:
         return {**flat, **asdict(self.research)}
 
 
+_WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps")
 USER_OPTIONS = tuple(f.name for f in fields(EraseConfig) if f.name != "research")
 RESEARCH_OPTIONS = tuple(f.name for f in fields(Research))
 

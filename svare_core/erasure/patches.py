@@ -8,9 +8,12 @@ unless forced.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -21,12 +24,39 @@ from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 
 PATCH_FORMAT = "svare-erasure-patch"
-PATCH_VERSION = 1
+PATCH_VERSION = 2            # 2: a checksum of the tensor data and a base fingerprint, both required
 _LORA_A, _LORA_B = ".lora_A", ".lora_B"
 
 
 class PatchError(ValueError):
     """A patch that cannot be applied or read; the message says why and what to do."""
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order (the patch's identity)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# metadata field -> (what it must be, the check); fields not listed are free-form (metrics, notes)
+_META_FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "base_fingerprint": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+    "concepts": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "method": ("a string", lambda v: isinstance(v, str)),
+    "steps": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "lora_scale": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)),
+    "pairs": ("a list of [unsafe, safe] pairs", lambda v: isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v)),
+    "trained_on": ("a list of [checksum, strength] pairs", lambda v: isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (int, float)) for p in v)),
+    "hyperparameters": ("a mapping", lambda v: isinstance(v, dict)),
+    "metrics": ("a mapping", lambda v: isinstance(v, dict)),
+}
 
 
 @dataclass
@@ -41,6 +71,9 @@ class ErasurePatch:
     @property
     def base_fingerprint(self) -> str | None:
         return self.meta.get("base_fingerprint")
+
+    def checksum(self) -> str:
+        return tensor_checksum(self.tensors)
 
     def delta_names(self) -> list[str]:
         """The parameters this patch changes."""
@@ -60,12 +93,47 @@ class ErasurePatch:
     def num_values(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
+    def validate(self, where: str = "this patch", *, require_base: bool = True) -> None:
+        """Refuse a patch that would give a wrong model: metadata of the wrong type, no base fingerprint
+        (unless ``require_base`` is off), a LoRA factor without its pair, non-floating or non-finite tensors."""
+        if not isinstance(self.meta, dict):
+            raise PatchError(f"{where}: its metadata is a {type(self.meta).__name__}, not a mapping; the patch is "
+                             "corrupt or was edited by hand")
+        for key, (what, ok) in _META_FIELDS.items():
+            if key in self.meta and not ok(self.meta[key]):
+                raise PatchError(f"{where}: metadata field {key!r} must be {what}, got {self.meta[key]!r:.60}; "
+                                 "the patch is corrupt or was edited by hand")
+        if require_base and not self.base_fingerprint:
+            raise PatchError(f"{where}: records no base model fingerprint, so nothing tells which model it fits; "
+                             "train it again with svare (patches record the model they were made for), or force it")
+        if not self.tensors:
+            raise PatchError(f"{where}: holds no tensors")
+        for name, t in self.tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise PatchError(f"{where}: {name} is not a floating-point tensor; the patch is corrupt")
+            pair = name[: -len(_LORA_A)] + _LORA_B if name.endswith(_LORA_A) else \
+                name[: -len(_LORA_B)] + _LORA_A if name.endswith(_LORA_B) else None
+            if pair is not None and pair not in self.tensors:
+                raise PatchError(f"{where}: the LoRA factor {name} has no {pair}; the patch is incomplete")
+            if not bool(torch.isfinite(t).all()):
+                raise PatchError(f"{where}: {name} holds NaN or infinite values (the training that made it "
+                                 "diverged): train it again with a lower learning rate")
+
     def save(self, path: str | Path) -> Path:
-        meta = {"format": PATCH_FORMAT, "format_version": str(PATCH_VERSION), "svare_patch": json.dumps(self.meta)}
+        """Write the patch (atomically), after checking it; the file records its tensors' checksum."""
+        path = Path(path)
+        self.validate(f"{path.name}")
+        try:
+            body = json.dumps(self.meta, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise PatchError(f"{path.name}: its metadata cannot be stored as JSON ({e})") from e
+        meta = {"format": PATCH_FORMAT, "format_version": str(PATCH_VERSION), "svare_patch": body,
+                "checksum": self.checksum()}
         return atomic_save_safetensors(self.tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "ErasurePatch":
+        """Read a patch and verify it: format, checksum of the tensor data, metadata, finite values."""
         path = Path(path)
         if not path.is_file():
             raise PatchError(f"{path}: no such patch file")
@@ -73,16 +141,31 @@ class ErasurePatch:
             with safe_open(str(path), framework="pt") as f:
                 header = dict(f.metadata() or {})
             tensors = load_file(str(path))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the reader fails in many ways on a broken file
             raise PatchError(f"{path}: cannot be read as a safetensors patch ({e}); "
                              "the file is corrupt or truncated") from e
         if header.get("format") != PATCH_FORMAT:
             raise PatchError(f"{path}: is not an erasure patch (format {header.get('format')!r}); "
                              "to load a model use Load VAR / load_pipeline instead")
-        if int(header.get("format_version", 0)) > PATCH_VERSION:
-            raise PatchError(f"{path}: patch format {header['format_version']} is newer than this version of svare "
+        version = header.get("format_version", "")
+        if not version.isdigit():
+            raise PatchError(f"{path}: its format version {version!r} is not a number; the file is corrupt")
+        if int(version) > PATCH_VERSION:
+            raise PatchError(f"{path}: patch format {version} is newer than this version of svare "
                              f"({PATCH_VERSION}); update svare")
-        return cls(tensors, json.loads(header.get("svare_patch", "{}")))
+        if "checksum" not in header:
+            raise PatchError(f"{path}: has no checksum of its tensor data (format {version}, made by an older svare), "
+                             "so a corrupted copy could not be told: train it again, or ask its author for a new copy")
+        if tensor_checksum(tensors) != header["checksum"]:
+            raise PatchError(f"{path}: its tensor data does not match its checksum: the file was corrupted (in a "
+                             "download or on disk) or edited. Get a fresh copy")
+        try:
+            meta = json.loads(header.get("svare_patch", ""))
+        except ValueError as e:
+            raise PatchError(f"{path}: its metadata is not valid JSON ({e}); the file is corrupt") from e
+        patch = cls(tensors, meta)
+        patch.validate(str(path))
+        return patch
 
 
 def _rebuild(pipe: VARPipeline, stack: list[tuple[ErasurePatch, float]]) -> VARPipeline:
@@ -117,12 +200,32 @@ def _rebuild(pipe: VARPipeline, stack: list[tuple[ErasurePatch, float]]) -> VARP
     return pipe.with_transformer(model, patches=stack, base_transformer=base)
 
 
+def applied(pipe: VARPipeline) -> list[list]:
+    """[checksum, strength] of each patch applied to ``pipe``, in order (what a patch trained on it records)."""
+    return [[patch.checksum(), float(strength)] for patch, strength in pipe.patches]
+
+
 def apply_patch(pipe: VARPipeline, patch: ErasurePatch, strength: float = 1.0, *, force: bool = False) -> VARPipeline:
-    """A new pipeline with ``patch`` added on top of the ones already applied. ``pipe`` is not modified."""
-    if patch.base_fingerprint and patch.base_fingerprint != pipe.base_fingerprint and not force:
-        raise PatchError(f"this patch (erasing {patch.concepts}) was made for the base model "
-                         f"{patch.base_fingerprint}, not for this one ({pipe.base_fingerprint}). "
-                         "Load the model it was made for, or force it (results are then unpredictable)")
+    """A new pipeline with ``patch`` added on top of the ones already applied. ``pipe`` is not modified.
+
+    Refused: a non-finite strength, a patch that fails its checks, and (unless ``force``) a patch
+    made for another base model, or trained on top of patches this pipeline does not have."""
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not math.isfinite(strength):
+        raise PatchError(f"the strength must be a finite number (1 = as trained, 0 = no effect), got {strength!r}")
+    patch.validate(f"the patch erasing {patch.concepts}", require_base=not force)
+    if not force:
+        if patch.base_fingerprint != pipe.base_fingerprint:
+            raise PatchError(f"this patch (erasing {patch.concepts}) was made for the base model "
+                             f"{patch.base_fingerprint}, not for this one ({pipe.base_fingerprint}). "
+                             "Load the model it was made for, or force it (results are then unpredictable)")
+        # Trained on a patched model: that model's patches come first here too (a patch trained on the
+        # base may stack on anything).
+        trained_on = [[c, float(s)] for c, s in patch.meta.get("trained_on", [])]
+        if applied(pipe)[:len(trained_on)] != trained_on:
+            raise PatchError(f"this patch (erasing {patch.concepts}) was trained on the model with "
+                             f"{len(trained_on)} other patch(es) applied ({[c[:8] for c, _ in trained_on]}), but this "
+                             f"model has {len(pipe.patches)} ({[c[:8] for c, _ in applied(pipe)]}): apply the "
+                             "same patches, in the same order and strengths, first (or force it)")
     return _rebuild(pipe, list(pipe.patches) + [(patch, float(strength))])
 
 

@@ -19,7 +19,7 @@ from ..sampling import SamplerSettings
 from .config import EraseConfig
 from .methods import method_for
 from .pairs import PromptPair, validate_pairs
-from .patches import ErasurePatch
+from .patches import ErasurePatch, applied
 from .run import ErasureRun
 from .tokens import auxiliary_tokens
 from .trainable import add_lora, dense_parameters, remove_lora
@@ -86,6 +86,11 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
             batch = [pairs[order[(step * cfg.pairs_per_step + i) % len(pairs)]] for i in range(cfg.pairs_per_step)]
             losses, ok = method.step(run, batch)
             bad = 0 if ok else bad + 1
+            # A skipped step leaves the weights as they were; if they are already non-finite, no later step
+            # can mend them (checked only then: a full pass over the trained tensors each step costs time).
+            if not ok and not _finite(run.params):
+                raise FloatingPointError(f"erasure diverged at step {step + 1}: the trained weights are no longer "
+                                         f"finite; nothing was written. Lower the learning rate (now {cfg.lr})")
             if bad >= r.max_bad_steps:
                 raise FloatingPointError(f"erasure diverged: {bad} steps in a row gave non-finite losses; "
                                          f"lower the learning rate (now {cfg.lr})")
@@ -93,6 +98,9 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
             if callback is not None:
                 callback(TrainStep(step + 1, cfg.steps, losses, time.time() - t0))
 
+        if not _finite(run.params):
+            raise FloatingPointError(f"erasure diverged: after {cfg.steps} steps the trained weights are not finite; "
+                                     f"nothing was written. Lower the learning rate (now {cfg.lr})")
         patch = _make_patch(run, lora, len(history))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return ErasureResult(patch, history, time.time() - t0, peak)
@@ -120,6 +128,10 @@ def _student_copy(frozen: Infinity, cfg: EraseConfig) -> Infinity:
     student.load_state_dict(state, assign=True)
     # Train mode: the model has no dropout, but Infinity.forward only checkpoints in training mode.
     return student.requires_grad_(False).train()
+
+
+def _finite(params: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params.values())
 
 
 def _trainable(student, cfg: EraseConfig):
@@ -152,6 +164,7 @@ def _make_patch(run: ErasureRun, lora, steps: int) -> ErasurePatch:
     meta = {
         "base_fingerprint": pipe.base_fingerprint, "base_model": pipe.name,
         "trained_on_patches": [p.concepts for p, _ in pipe.patches],
+        "trained_on": applied(pipe),
         "concepts": sorted({p.concept for p in pairs if p.concept}),
         "anchors": sorted({p.safe for p in pairs})[:50],
         "pairs": [[p.unsafe, p.safe] for p in pairs][:200],
