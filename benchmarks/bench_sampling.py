@@ -19,6 +19,13 @@ Configurations (random weights; text features are random tensors, so no text enc
 Usage:
   python benchmarks/bench_sampling.py                              # tiny, medium (+ 2b if CUDA is available)
   python benchmarks/bench_sampling.py --configs tiny,medium --threads 1 --repeats 3
+  git show HEAD~1:svare_core/sampling.py > /tmp/old_sampling.py
+  python benchmarks/bench_sampling.py --configs tiny,medium --threads 1 --ab /tmp/old_sampling.py
+
+``--ab FILE`` compares two versions of the sampler (this checkout's svare_core/sampling.py and FILE, imported
+into this checkout's package so both drive the same model object): in each worker process the two are called
+in turn (ABBA...) ``--repeats`` times each after a warm-up, so machine load hits both alike; it prints the
+median seconds per image of each, their ratio, and whether both drew the same bits.
   TORCHDYNAMO_DISABLE=1 PYTHONPATH=/path/to/stubs python benchmarks/bench_sampling.py \\
       --configs tiny,medium --reference /path/to/Infinity
 
@@ -169,13 +176,13 @@ class _FeatureText:
         return self.feats[idx], self.mask[idx]
 
 
-def worker_ours(job: dict) -> dict:
+def _our_pipeline(job: dict):
+    """The pipeline, schedule and prompts of a configuration, as ``worker_ours`` samples them."""
     import torch
     from svare_core.models.infinity import Infinity
     from svare_core.models import load_transformer, load_vae
     from svare_core.models.vae import BSQVAE
     from svare_core.pipeline import VARPipeline
-    from svare_core.sampling import SamplerSettings, generate
     from svare_core.schedules import infinity_schedule
 
     name, device, batch = job["config"], job["device"], job["batch"]
@@ -193,9 +200,15 @@ def worker_ours(job: dict) -> dict:
             vae = BSQVAE(vcfg).to(dtype).eval()
     feats, mask = _text(name, batch)
     pipe = VARPipeline(transformer, vae, _FeatureText(feats, mask), name=name, base_fingerprint="-")
-    scales = infinity_schedule(spec["ratio"], spec["preset"])
+    return pipe, infinity_schedule(spec["ratio"], spec["preset"]), [str(i) for i in range(batch)]
+
+
+def worker_ours(job: dict) -> dict:
+    from svare_core.sampling import SamplerSettings, generate
+
+    device, batch = job["device"], job["batch"]
+    pipe, scales, prompts = _our_pipeline(job)
     settings = SamplerSettings(cfg=CFG, tau=TAU)
-    prompts = [str(i) for i in range(batch)]
     res = {}
 
     def run():
@@ -205,6 +218,43 @@ def worker_ours(job: dict) -> dict:
     out["image"] = list(res["out"].images.shape[1:3])
     out["tokens"] = sum(h * w for h, w in scales)
     return out
+
+
+def _load_other_sampler(path: str):
+    """Another version of svare_core/sampling.py, imported inside this checkout's package, so its relative
+    imports (models, pipeline) are this checkout's and both samplers drive the same model object."""
+    import importlib.util
+    name = "svare_core._sampling_ab_other"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module          # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker_ab(job: dict) -> dict:
+    """This checkout's ``generate`` against the one in ``job["ab"]``: calls alternate (ABBA...) in one
+    process, so both see the same machine load; per-call seconds per image of each."""
+    import torch
+    import svare_core.sampling as this
+    other = _load_other_sampler(job["ab"])
+    pipe, scales, prompts = _our_pipeline(job)
+    runs = {}
+    for key, module in (("this", this), ("other", other)):
+        settings = module.SamplerSettings(cfg=CFG, tau=TAU)
+        runs[key] = (lambda m=module, st=settings: m.generate(pipe, prompts, seed=0, settings=st, scales=scales))
+    first = {key: run() for key, run in runs.items()}         # warm-up, and the bits each draws
+    same_bits = all(torch.equal(a, b) for a, b in zip(first["this"].bits, first["other"].bits))
+    times = {"this": [], "other": []}
+    for r in range(job["repeats"]):
+        for key in (("this", "other") if r % 2 == 0 else ("other", "this")):
+            _sync(job["device"])
+            t0 = time.perf_counter()
+            runs[key]()
+            _sync(job["device"])
+            times[key].append((time.perf_counter() - t0) / job["batch"])
+    return {"this": times["this"], "other": times["other"], "same_bits": same_bits,
+            "tokens": sum(h * w for h, w in scales)}
 
 
 def worker_reference(job: dict) -> dict:
@@ -303,6 +353,10 @@ def main(argv=None) -> int:
                          "time is reported (robust on a busy machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads in each worker (default: torch's)")
     ap.add_argument("--reference", default=None, help="path of a FoundationVision/Infinity checkout to compare with")
+    ap.add_argument("--ab", default=None, metavar="SAMPLING_PY",
+                    help="instead: time this checkout's sampler against another version of svare_core/sampling.py "
+                         "(a file, e.g. from `git show REV:svare_core/sampling.py`) on the same model, alternating calls "
+                         "in each worker process; prints the medians and their ratio")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -311,13 +365,16 @@ def main(argv=None) -> int:
         import torch
         if job.get("threads"):
             torch.set_num_threads(job["threads"])
-        out = worker_reference(job) if job["impl"] == "reference" else worker_ours(job)
+        worker = {"reference": worker_reference, "ab": worker_ab}.get(job["impl"], worker_ours)
+        out = worker(job)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
 
     import torch
     cuda = torch.cuda.is_available()
     names = args.configs.split(",") if args.configs else ["tiny", "medium"] + (["2b"] if cuda else [])
+    if args.ab:
+        return main_ab(args, names, cuda)
     rows = []
     with tempfile.TemporaryDirectory(prefix="svare-bench-") as tmp:
         for name in names:
@@ -370,6 +427,45 @@ def main(argv=None) -> int:
                 speedup = ours["s_per_image"] / ref["s_per_image"]
                 line += f" | {ref['s_per_image']:.4f} | {mem_cells(ref)} | {speedup:.2f}"
         print(line + " |")
+    return 0
+
+
+def main_ab(args, names: list[str], cuda: bool) -> int:
+    import statistics
+
+    import torch
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="svare-bench-") as tmp:
+        for name in names:
+            spec = CONFIGS[name]
+            if spec["device"] == "cuda" and not cuda:
+                print(f"skipping {name}: needs CUDA", file=sys.stderr)
+                continue
+            weights = write_weights(name, Path(tmp)) if name != "2b" else None
+            job = dict(config=name, device=spec["device"], batch=args.batch, repeats=args.repeats,
+                       threads=args.threads, weights=weights, impl="ab", ab=str(Path(args.ab).resolve()))
+            runs = [run_job(job) for _ in range(max(1, args.rounds))]
+            errors = [r["error"] for r in runs if "error" in r]
+            ok = [r for r in runs if "error" not in r]
+            for r in ok:
+                print(f"{name}: median s/img this {statistics.median(r['this']):.4f}, "
+                      f"other {statistics.median(r['other']):.4f}", file=sys.stderr, flush=True)
+            rows.append((name, spec, ok, errors))
+    print(f"\nbatch {args.batch}, {args.rounds} processes x {args.repeats} alternating timed calls of each sampler "
+          f"after 1 warm-up each, cfg {CFG}, tau {TAU}, threads {args.threads or torch.get_num_threads()}, "
+          f"torch {torch.__version__}; other = {args.ab}\n")
+    print("| config | device | dtype | tokens | this s/img (median) | other s/img (median) | this / other (median) "
+          "| this / other (min) | same bits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, spec, ok, errors in rows:
+        if not ok:
+            print(f"| {name} | {spec['device']} | {spec['dtype']} | error: {errors[0][:200]} |")
+            continue
+        this = [t for r in ok for t in r["this"]]
+        other = [t for r in ok for t in r["other"]]
+        a, b = statistics.median(this), statistics.median(other)
+        print(f"| {name} | {spec['device']} | {spec['dtype']} | {ok[0]['tokens']} | {a:.4f} | {b:.4f} | {a / b:.3f} "
+              f"| {min(this) / min(other):.3f} | {all(r['same_bits'] for r in ok)} |")
     return 0
 
 

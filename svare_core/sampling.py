@@ -2,17 +2,58 @@
 
 Every image has its own random generator (seed + index), so an image does not depend on the
 batch it was drawn in. A callback sees every scale (progress, previews) and may raise to cancel.
+
+The transformer owns its forward and the sampler owns the loop: ``generate`` only talks to the
+model through ``NextScaleModel`` (text condition, first tokens, one scale with the cache, input
+embedding), so another next-scale family with those methods samples here unchanged.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from .models.attention import KVCache
 from .models.bitwise import add_scale, next_input
 from .pipeline import VARPipeline
+
+
+class Condition(Protocol):
+    """A model's encoded prompts for a batch of rows."""
+
+    def cat(self, other: Any) -> Any:
+        """The rows of ``self`` then those of ``other`` (conditional + unconditional rows for CFG)."""
+
+
+class ModelShape(Protocol):
+    @property
+    def bits(self) -> int:
+        """Bits per token: each scale's logits are (rows, h*w, bits, 2)."""
+
+    @property
+    def num_levels(self) -> int:
+        """The most scales a schedule may have."""
+
+
+class NextScaleModel(Protocol):
+    """What ``generate`` needs of a next-scale bitwise transformer (``Infinity`` provides it).
+
+    A decode is ``state = begin(cond, scales)``, then one ``step(state, x)`` per scale in order:
+    the first on ``start_token(cond)``, each later one on ``embed_input`` of the summed codes
+    resized to that scale (``bitwise.next_input``). ``step`` returns float logits.
+    """
+    @property
+    def cfg(self) -> ModelShape: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode_text(self, features: torch.Tensor, mask: torch.Tensor) -> Condition: ...
+    def uncond_features(self, mask: torch.Tensor) -> torch.Tensor: ...
+    def begin(self, cond: Any, scales: list[tuple[int, int]]) -> Any: ...
+    def start_token(self, cond: Any) -> torch.Tensor: ...
+    def step(self, state: Any, x: torch.Tensor) -> torch.Tensor: ...
+    def embed_input(self, token_rows: torch.Tensor) -> torch.Tensor: ...
 
 
 class Cancelled(RuntimeError):
@@ -102,9 +143,10 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
     prompts = list(prompts)
     if not prompts:
         raise ValueError("give at least one prompt")
-    model = pipe.transformer
+    model: NextScaleModel = pipe.transformer
     scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
     n, B, d = len(scales), len(prompts), model.cfg.bits
+    # Checked before the text encoder runs (the model's begin checks it too).
     if n > model.cfg.num_levels:
         raise ValueError(f"{n} scales but the model knows at most {model.cfg.num_levels}")
     guided = any(s.cfg_at(i, n) != 1.0 for i in range(n))
@@ -117,25 +159,17 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
         else:
             nf, nm = model.uncond_features(mask), mask
         cond = cond.cat(model.encode_text(nf, nm))
-    rows = cond.pooled.shape[0]
 
     gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(B)]
-    caches = [KVCache() for _ in model.blocks]
-    rope = model.rope_for(scales)
-    ada = model.shared_ada_lin(cond.pooled).view(rows, 1, 6, -1)
+    state = model.begin(cond, scales)
     patch = pipe.vae.cfg.patch_size
     H, W = scales[-1]
     summed = torch.zeros(B, d // (patch * patch), H * patch, W * patch, device=model.device)
     x = model.start_token(cond)
-    offset, all_bits, all_logits = 0, [], []
+    all_bits, all_logits = [], []
     for i, (h, w) in enumerate(scales):
         n_tok = h * w
-        x = x + model.lvl_embed.weight[i].to(x.dtype)
-        r = rope[offset:offset + n_tok]
-        offset += n_tok
-        for blk, cache in zip(model.blocks, caches):
-            x = blk(x, ada, cond, r, None, cache)
-        logits = model.logits(x, cond.pooled)                         # (rows, n_tok, d, 2)
+        logits = model.step(state, x)                                 # (rows, n_tok, d, 2)
         if return_logits:
             all_logits.append(logits[:B].cpu())
         if guided:
@@ -150,7 +184,7 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
         if callback is not None:
             callback(ScaleStep(i, n, (h, w), summed))
         if i + 1 < n:
-            nxt = model.word_embed(next_input(summed, scales[i + 1], patch).to(model.dtype))
+            nxt = model.embed_input(next_input(summed, scales[i + 1], patch))
             x = torch.cat([nxt, nxt]) if guided else nxt
     images = _decode_images(pipe, summed) if decode else torch.empty(B, 0, 0, 3)
     return SampleResult(images, [b.cpu() for b in all_bits], summed.cpu(), scales,

@@ -3,17 +3,23 @@
 Module and parameter names follow the released checkpoints (``block_chunks.i.module.j...``) so a
 real state dict loads without renaming. Attention runs on PyTorch's scaled_dot_product_attention:
 no flash-attn, xformers or timm.
+
+Two ways through the same layers: ``forward`` runs all scales at once under the block-causal mask
+(training, teacher forcing); ``begin`` + ``step`` run one scale at a time with a KV cache per block
+(sampling). Both embed inputs with ``start_token``/``embed_input``, add the level embedding and call
+``_blocks_and_head``, so the two can only differ by the mask versus the cache.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..schedules import reference_grid
-from .attention import CrossAttention, SelfAttention, TextAttentivePool, rope_table
+from .attention import CrossAttention, KVCache, SelfAttention, TextAttentivePool, rope_table
 
 
 @dataclass
@@ -134,6 +140,26 @@ class TextCondition:
                              torch.cat([pad(self.mask, Lt), pad(other.mask, Lt)]))
 
 
+@dataclass
+class DecodeState:
+    """What every scale of one incremental (KV-cached) decode shares; made by ``Infinity.begin``.
+
+    ``Infinity.step`` advances ``index`` and ``offset``: the caches hold the keys and values of
+    scales ``0..index-1``, which are ``offset`` tokens.
+    """
+    cond: TextCondition
+    scales: list[tuple[int, int]]
+    ada: torch.Tensor             # (rows, 1, 6, C): shared AdaLN condition of every block
+    rope: torch.Tensor            # (L, head_dim // 2): rotation angles of every token of every scale
+    caches: list[KVCache]         # one per block
+    index: int = 0                # the scale the next step runs
+    offset: int = 0               # tokens of the scales already run
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.scales)
+
+
 class Infinity(nn.Module):
     def __init__(self, cfg: InfinityConfig):
         super().__init__()
@@ -216,21 +242,68 @@ class Infinity(nn.Module):
         ``x_inputs``: (B, L - 1, bits), the interpolated cumulative codes that feed scales 1..N-1.
         Returns logits (B, L, bits, 2).
         """
-        B = cond.pooled.shape[0]
-        x = torch.cat([self.start_token(cond), self.word_embed(x_inputs.to(self.dtype))], dim=1)
+        x = torch.cat([self.start_token(cond), self.embed_input(x_inputs)], dim=1)
         x = x + self.lvl_embed(self.level_ids(scales))
-        mask = block_causal_mask(scales, self.device)
-        rope = self.rope_for(scales)
-        ada = self.shared_ada_lin(cond.pooled).view(B, 1, 6, -1)
-        for blk in self.blocks:
-            if checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, ada, cond, rope, mask, use_reentrant=False)
-            else:
-                x = blk(x, ada, cond, rope, mask)
-        return self.logits(x, cond.pooled)
+        return self._blocks_and_head(x, self.adaln_condition(cond), cond, self.rope_for(scales),
+                                     attn_mask=block_causal_mask(scales, self.device), checkpointing=checkpointing)
 
+    # -- incremental decoding: one scale at a time, for samplers ---------------------------------
+    def begin(self, cond: TextCondition, scales: Sequence[tuple[int, int]]) -> DecodeState:
+        """Prepare a KV-cached decode of ``scales`` for the rows of ``cond``.
+
+        The sampler then feeds ``start_token(cond)`` to the first ``step`` and ``embed_input`` of
+        each next scale's token rows to the following ones.
+        """
+        scales = [tuple(g) for g in scales]
+        if len(scales) > self.cfg.num_levels:
+            raise ValueError(f"{len(scales)} scales but the model knows at most {self.cfg.num_levels}")
+        return DecodeState(cond, scales, self.adaln_condition(cond), self.rope_for(scales),
+                           [KVCache() for _ in self.blocks])
+
+    def step(self, state: DecodeState, x: torch.Tensor) -> torch.Tensor:
+        """Run scale ``state.index`` on its embedded input x (rows, h*w, C) -> logits (rows, h*w, bits, 2).
+
+        Attends to the earlier scales through the caches, adds this scale's keys and values to
+        them, and advances the state.
+        """
+        if state.done:
+            raise ValueError(f"all {len(state.scales)} scales have been run")
+        i = state.index
+        h, w = state.scales[i]
+        n_tok = h * w
+        if x.shape[1] != n_tok:
+            raise ValueError(f"scale {i} {(h, w)} has {n_tok} tokens, got an input of {x.shape[1]}")
+        x = x + self.lvl_embed.weight[i].to(x.dtype)
+        rope = state.rope[state.offset:state.offset + n_tok]
+        logits = self._blocks_and_head(x, state.ada, state.cond, rope, caches=state.caches)
+        state.index, state.offset = i + 1, state.offset + n_tok
+        return logits
+
+    # -- pieces shared by forward and step -------------------------------------------------------
     def start_token(self, cond: TextCondition) -> torch.Tensor:
+        """The input of the first scale (1x1): the pooled text plus a learned position, (rows, 1, C)."""
         return cond.pooled.unsqueeze(1) + self.pos_start
+
+    def embed_input(self, token_rows: torch.Tensor) -> torch.Tensor:
+        """Token rows (B, n, bits) of the summed codes resized to a scale (``bitwise.next_input``) -> (B, n, C)."""
+        return self.word_embed(token_rows.to(self.dtype))
+
+    def adaln_condition(self, cond: TextCondition) -> torch.Tensor:
+        """The AdaLN shift/scale/gate input every block shares, (rows, 1, 6, C)."""
+        return self.shared_ada_lin(cond.pooled).view(cond.pooled.shape[0], 1, 6, -1)
+
+    def _blocks_and_head(self, x: torch.Tensor, ada: torch.Tensor, cond: TextCondition, rope: torch.Tensor, *,
+                         attn_mask: torch.Tensor | None = None, caches: list[KVCache] | None = None,
+                         checkpointing: bool = False) -> torch.Tensor:
+        # Level-embedded tokens -> logits. Either a mask over all scales (teacher forcing) or caches
+        # holding the earlier scales (incremental decoding).
+        blocks = self.blocks
+        for blk, cache in zip(blocks, caches or [None] * len(blocks)):
+            if checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, ada, cond, rope, attn_mask, cache, use_reentrant=False)
+            else:
+                x = blk(x, ada, cond, rope, attn_mask, cache)
+        return self.logits(x, cond.pooled)
 
     def logits(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         out = self.head(self.head_nm(x, pooled).to(self.head.weight.dtype)).float()
@@ -246,4 +319,4 @@ def block_causal_mask(scales, device=None) -> torch.Tensor:
     return (ids.view(-1, 1) >= ids.view(1, -1)).to(device)
 
 
-__all__ = ["Infinity", "InfinityConfig", "TextCondition", "block_causal_mask", "infinity_2b", "infinity_8b"]
+__all__ = ["DecodeState", "Infinity", "InfinityConfig", "TextCondition", "block_causal_mask", "infinity_2b", "infinity_8b"]
