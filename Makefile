@@ -23,7 +23,7 @@ $(BIN)/.dev-ready: $(BIN)/.ready requirements-dev.txt
 venv: $(BIN)/.ready
 
 demo: $(BIN)/.ready
-	$(BIN)/python -m svare_core demo --concept red --anchor blue --out outputs/demo
+	$(BIN)/python -m svare_core demo --concept red --anchor blue --out outputs/demo --overwrite
 
 test: $(BIN)/.dev-ready
 	$(BIN)/python -m pytest -q tests

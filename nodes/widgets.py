@@ -29,5 +29,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 def core_seed(seed: int) -> int:
-    """ComfyUI seeds go up to 2**64-1; torch generators take the seed plus an image index."""
-    return int(seed) % (2**63 - 2**16)
+    """ComfyUI seeds go up to 2**64-1; the core takes seeds below MAX_SEED (seed + image index)."""
+    from svare_core.sampling import MAX_SEED
+
+    return int(seed) % (MAX_SEED - 1024)

@@ -1,4 +1,8 @@
-"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,inspect} ...``"""
+"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,inspect} ...``
+
+Exit status: 0 done; 2 a problem with the input (one line on stderr naming it and the fix;
+nothing was written); 130 interrupted (Ctrl-C; nothing partial was written); 1 a bug (traceback).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +12,41 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+class UserError(SystemExit):
+    """Exit status 2 with one line for the user (str() is that line)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _count(value: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _seed(value: str) -> int:
+    """argparse type: a seed the samplers take."""
+    from .sampling import MAX_SEED
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 0 <= n < MAX_SEED - 2**16:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED - 2**16}), got {n}")
+    return n
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +71,11 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
+
+
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
 
 
 # Training options of demo and erase (EraseConfig fields; preserve_cfg a research knob, for the
@@ -51,17 +94,35 @@ def _add_erase_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=ERASE_HELP.get(name))
 
 
-def _load(args):
+def _load_base(args):
     from . import load_pipeline
-    from .erasure import ErasurePatch, apply_patch
 
-    pipe = load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype,
+    return load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype,
                          vae_device=args.vae_device, text_device=args.text_device, text_dtype=args.text_dtype,
                          text_offload=args.text_offload)
-    for i, path in enumerate(args.patch):
-        strength = args.strength[i] if i < len(args.strength) else 1.0
-        pipe = apply_patch(pipe, ErasurePatch.load(path), strength)
+
+
+def _read_patches(args) -> list:
+    """The --patch files, read and verified (before the model loads: a bad file fails in a second)."""
+    from .erasure import ErasurePatch
+
+    if len(args.strength) > len(args.patch):
+        raise UserError(f"{len(args.strength)} --strength values for {len(args.patch)} --patch files")
+    return [(ErasurePatch.load(path), args.strength[i] if i < len(args.strength) else 1.0)
+            for i, path in enumerate(args.patch)]
+
+
+def _with_patches(pipe, patches):
+    from .erasure import apply_patch
+
+    for patch, strength in patches:
+        pipe = apply_patch(pipe, patch, strength)
     return pipe
+
+
+def _load(args):
+    patches = _read_patches(args)
+    return _with_patches(_load_base(args), patches)
 
 
 def _settings(args, pipe):
@@ -71,40 +132,43 @@ def _settings(args, pipe):
                            negative_prompt=getattr(args, "negative_prompt", None) or None)
 
 
-def _scale_bar(total: int, desc: str):
-    bar = tqdm(total=total, desc=desc, unit="scale", leave=False)
-    return bar, (lambda step: bar.update(1))
-
-
 def cmd_sample(args) -> None:
     from . import generate
+    from .outputs import check_folder, refuse_existing
     from .visual import save_png
 
+    out = check_folder(args.out, "images")
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    targets = [out / f"{args.seed + i:05d}.png" for i in range(len(prompts))]
+    refuse_existing(targets, args.overwrite)
     pipe = _load(args)
     settings = _settings(args, pipe)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = [p for p in args.prompt for _ in range(args.n)]
+    settings.validate()
+    written = 0
     bar = tqdm(total=len(prompts), desc="sampling", unit="img")
     for i in range(0, len(prompts), args.batch):
         chunk = prompts[i:i + args.batch]
         res = generate(pipe, chunk, seed=args.seed + i, settings=settings, aspect_ratio=args.aspect_ratio,
                        preset=args.preset)
         for j, img in enumerate(res.images):
-            save_png(img, out / f"{args.seed + i + j:05d}.png", {"prompt": chunk[j], "seed": str(args.seed + i + j)})
+            save_png(img, targets[i + j], {"prompt": chunk[j], "seed": str(args.seed + i + j)})
+            written += 1
         bar.update(len(chunk))
     bar.close()
-    print(f"wrote {len(prompts)} images to {out}")
+    print(f"wrote {written} image{'s' if written != 1 else ''} to {out}")
+
+
+PAIR_FILE_SUFFIXES = (".json", ".csv", ".txt")
 
 
 def _pairs_from_args(args):
-    from .erasure import build_pairs, load_pairs, validate_pairs
-    from .erasure.pairs import name_concepts
+    from .erasure import build_pairs, load_pairs
+    from .erasure.pairs import tag_pairs
 
     if args.pairs and Path(args.pairs).is_file():
-        if len(args.concept) == 1:
-            return validate_pairs(load_pairs(args.pairs, args.concept[0]))
-        return validate_pairs(name_concepts(load_pairs(args.pairs), args.concept))
+        return tag_pairs(load_pairs(args.pairs), args.concept)
+    if args.pairs and "=>" not in args.pairs and (Path(args.pairs).suffix in PAIR_FILE_SUFFIXES or "/" in args.pairs):
+        raise UserError(f"{args.pairs}: no such pairs file (inline pairs are written 'unsafe prompt => safe prompt')")
     return build_pairs(args.concept, args.anchor, args.kind, (args.pairs or "").replace(";", "\n"))
 
 
@@ -131,14 +195,17 @@ def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
 
 def cmd_erase(args) -> None:
     from .erasure.pairs import preserve_prompts_for
+    from .outputs import check_file, write_or_rescue
 
+    out = check_file(args.out, overwrite=args.overwrite, suffix=".safetensors", what="patch")
     pipe = _load(args)
     args.kind = args.kind or _family(pipe).pair_kind
     pairs = _pairs_from_args(args)
     cfg = _erase_config(args, pipe, pairs)
+    cfg.validate()
     result = _run_erase(pipe, pairs, cfg, preserve_prompts_for(pairs, args.kind, args.preserve))
     result.patch.meta["metrics"]["train_seconds"] = round(result.seconds, 1)
-    path = result.patch.save(args.out)
+    path = write_or_rescue(result.patch.save, out, "patch")
     print(f"erased {result.patch.concepts} with {cfg.method} in {result.seconds:.0f} s; patch: {path} "
           f"({path.stat().st_size / 1e6:.2f} MB)")
 
@@ -152,21 +219,24 @@ def cmd_evaluate(args) -> None:
     from . import plugins
     from .erasure.evaluate import evaluate_with_detector
     from .erasure.pairs import template_prompts
-    from .loader import load_pipeline
+    from .outputs import check_file, write_or_rescue
 
-    erased = _load(args)
-    base = load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype)
-    concepts = args.concept or sorted({c for p, _ in erased.patches for c in p.concepts})
+    report_path = check_file(args.json, overwrite=args.overwrite, suffix=".json", what="report") if args.json else None
+    patches = _read_patches(args)
+    concepts = args.concept or sorted({c for p, _ in patches for c in p.concepts})
     if not concepts:
-        raise SystemExit("name the erased concepts with --concept, or give --patch files that record them")
+        raise UserError("name the erased concepts with --concept, or give --patch files that record them")
+    base = _load_base(args)                  # loaded once: the erased model shares its untouched weights
+    erased = _with_patches(base, patches)
     settings = _settings(args, base)
+    settings.validate()
     detector = args.detector or _family(base).evaluation
     evaluation = plugins.get("evaluation", detector) if detector else None
     if evaluation is not None:
         report = evaluation(base, erased, concepts, seeds=args.seeds, settings=settings)
     elif detector is None:
-        raise SystemExit("for a real model choose the judge: --detector nudenet (nudity) or clip (objects, styles; "
-                         "with --clip-model FOLDER)")
+        raise UserError("for a real model choose the judge: --detector nudenet (nudity) or clip (objects, styles; "
+                        "with --clip-model FOLDER)")
     else:
         options = {"model_path": args.clip_model} if args.clip_model else {}
         report = {"concepts": {}}
@@ -175,9 +245,20 @@ def cmd_evaluate(args) -> None:
                                                            threshold=args.threshold, seeds=args.seeds,
                                                            settings=settings, detector_options=options)
     text = json.dumps(report, indent=1)
-    if args.json:
-        Path(args.json).write_text(text)
+    if report_path is not None:
+        write_or_rescue(lambda path: _write_text(path, text), report_path, "report")
     print(text)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def cmd_inspect(args) -> None:
@@ -192,9 +273,12 @@ def cmd_inspect(args) -> None:
 
 def cmd_demo(args) -> None:
     """The main job: erase a concept from the toy model, write a before/after grid and the report."""
-    from .toyworld.demo import run_demo
+    from .outputs import check_folder, refuse_existing
+    from .toyworld.demo import output_files, run_demo
 
     started = time.time()
+    out = check_folder(args.out, "demo results")
+    refuse_existing(output_files(out, args.concept), args.overwrite)
     base = _load(args)
     print(run_demo(base, _erase_config(args, base), _settings(args, base), _run_erase, concept=args.concept,
                    anchor=args.anchor, out=args.out, preserve=args.preserve, seeds=args.seeds,
@@ -212,8 +296,9 @@ def main(argv=None) -> None:
     d.add_argument("--anchor", default="blue")
     d.add_argument("--preserve", action="append", default=[])
     d.add_argument("--out", default="outputs/demo")
-    d.add_argument("--seeds", type=int, default=4, help="samples per prompt in the report")
-    d.add_argument("--grid-seeds", type=int, default=3)
+    d.add_argument("--seeds", type=_count, default=4, help="samples per prompt in the report")
+    d.add_argument("--grid-seeds", type=_count, default=3)
+    _add_overwrite_arg(d)
     _add_erase_args(d)
     d.set_defaults(func=cmd_demo)
 
@@ -222,11 +307,12 @@ def main(argv=None) -> None:
     _add_sampler_args(s)
     s.add_argument("--prompt", action="append", required=True, help="repeatable")
     s.add_argument("--negative-prompt", default=None)
-    s.add_argument("--n", type=int, default=1, help="images per prompt")
-    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--n", type=_count, default=1, help="images per prompt")
+    s.add_argument("--batch", type=_count, default=8)
     s.add_argument("--aspect-ratio", default="1:1")
     s.add_argument("--preset", default="1M", help="Infinity resolution preset (0.06M, 0.25M, 0.60M, 1M)")
-    s.add_argument("--out", default="outputs/samples")
+    s.add_argument("--out", default="outputs/samples", help="folder for the PNGs (named by seed)")
+    _add_overwrite_arg(s)
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("erase", help="train an erasure patch")
@@ -237,7 +323,8 @@ def main(argv=None) -> None:
     e.add_argument("--pairs", default=None, help="a .json/.csv/.txt file of pairs, or 'unsafe => safe; ...'")
     e.add_argument("--preserve", action="append", default=[], help="preservation prompt (repeatable)")
     e.add_argument("--out", required=True, help="patch file to write (.safetensors)")
-    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--seed", type=_seed, default=None)
+    _add_overwrite_arg(e)
     _add_erase_args(e)
     e.set_defaults(func=cmd_erase)
 
@@ -245,8 +332,9 @@ def main(argv=None) -> None:
     _add_model_args(v)
     _add_sampler_args(v)
     v.add_argument("--concept", action="append", default=[])
-    v.add_argument("--seeds", type=int, default=4)
-    v.add_argument("--json", default=None, help="write the report here")
+    v.add_argument("--seeds", type=_count, default=4)
+    v.add_argument("--json", default=None, help="write the report here (.json)")
+    _add_overwrite_arg(v)
     v.add_argument("--detector", default=None,
                    help="judge: nudenet, clip, open_nsfw, or toyworld (the default for the toy model: its oracle)")
     v.add_argument("--kind", default="object", help="templates for the concept prompts of real models: object, style, nudity")
@@ -259,14 +347,25 @@ def main(argv=None) -> None:
     i.set_defaults(func=cmd_inspect)
 
     args = p.parse_args(argv)
-    from .erasure.patches import PatchError
-    from .models import ModelLoadError
+    from .safety.base import DetectorUnavailable
 
     try:
         args.func(args)
-    except (ValueError, ModelLoadError, PatchError, FileNotFoundError) as e:
-        # Expected user errors: one clear line, no traceback.
-        raise SystemExit(f"error: {e}") from None
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise
+    except KeyboardInterrupt:
+        # Every file is written atomically: an interrupted run leaves no partial file.
+        print("interrupted: nothing partial was written", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError, ArithmeticError, DetectorUnavailable, KeyError) as e:
+        # Input the program cannot use (ModelLoadError, PatchError, OutputError are ValueErrors), a file
+        # it cannot read or write, a diverged training: one clear line, no traceback.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        error = UserError(str(message) if not isinstance(e, OSError) or not e.filename else
+                          f"{e.filename}: {e.strerror or e}")
+        print(f"error: {error}", file=sys.stderr)
+        raise error from None
 
 
 if __name__ == "__main__":

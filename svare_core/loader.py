@@ -76,9 +76,30 @@ def _dtype(value, what: str) -> torch.dtype | None:
     return DTYPES[value]
 
 
+def check_device(value: str | torch.device, what: str = "device") -> torch.device:
+    """A device this machine has; anything else is refused in one line (not torch's assertion)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"unknown {what} {value!r}: use cpu or cuda (cuda:1 for a second GPU)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"{what} {str(value)!r}: this machine has no usable CUDA GPU, or this torch build "
+                                 f"has no CUDA (torch {torch.__version__}): use cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"{what} {str(value)!r}: only {torch.cuda.device_count()} GPU(s) here "
+                                 f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type not in ("cpu", "mps"):
+        raise ModelLoadError(f"{what} {str(value)!r}: not supported; use cpu or cuda")
+    return device
+
+
 def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_device, text_dtype,
                    text_offload) -> VARPipeline:
     dtype = _dtype(dtype, "dtype")
+    device = check_device(device)
+    vae_device = check_device(vae_device, "vae_device") if vae_device is not None else None
+    text_device = check_device(text_device, "text_device")
     path = resolve_model_path(model)
     # Everything that can be checked in seconds is, before minutes of loading.
     ckpt = read_checkpoint(path)                # opened once: checked here, then loaded

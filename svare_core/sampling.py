@@ -9,6 +9,7 @@ embedding), so another next-scale family with those methods samples here unchang
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -76,12 +77,41 @@ class SamplerSettings:
         return float(self.cfg[i])
 
     def validate(self) -> None:
-        if self.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        """Refuse settings that would draw a silently wrong image (NaN guidance, a zero temperature, ...)."""
+        cfgs = [self.cfg] if isinstance(self.cfg, (int, float)) else list(self.cfg)
+        if not cfgs or not all(_is_number(c) and math.isfinite(c) for c in cfgs):
+            raise ValueError(f"cfg must be a finite number (or one per scale), got {self.cfg!r}")
+        if not (_is_number(self.tau) and math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau must be a finite number > 0, got {self.tau!r}")
+        if not (_is_number(self.top_p) and 0 <= self.top_p <= 1):
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
+            raise ValueError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be text, got {type(self.negative_prompt).__name__}")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Image i of a batch is drawn with seed + i; torch generators take seeds below 2**64, and
+# ComfyUI's seeds go up to 2**64 - 1, so seeds are kept below 2**63 with room for a batch.
+MAX_SEED = 2**63 - 2**16
+
+
+def check_prompts_and_seed(prompts: Sequence[str], seed: int) -> list[str]:
+    """The prompts as a list (a single string is one prompt, not one per character) and a valid seed."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be text")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed and seed + len(prompts) <= MAX_SEED):
+        raise ValueError(f"seed must be a whole number in [0, {MAX_SEED - len(prompts)}], got {seed!r}")
+    return prompts
 
 
 @dataclass
@@ -128,7 +158,7 @@ def decode_preview(pipe: VARPipeline, step: ScaleStep, index: int = 0) -> torch.
 
 
 @torch.no_grad()
-def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settings: SamplerSettings | None = None,
+def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, settings: SamplerSettings | None = None,
              scales=None, aspect_ratio: str = "1:1", preset: str = "1M",
              callback: Callable[[ScaleStep], None] | None = None, return_logits: bool = False,
              decode: bool = True) -> SampleResult:
@@ -140,9 +170,7 @@ def generate(pipe: VARPipeline, prompts: Sequence[str], *, seed: int = 0, settin
     """
     s = settings or SamplerSettings()
     s.validate()
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("give at least one prompt")
+    prompts = check_prompts_and_seed(prompts, seed)
     model: NextScaleModel = pipe.transformer
     scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
     n, B, d = len(scales), len(prompts), model.cfg.bits

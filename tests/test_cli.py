@@ -112,7 +112,7 @@ def test_erase_with_explicit_pairs_and_options(model_file, tmp_path, capsys):
     assert patch.meta["hyperparameters"]["seed"] == 3 and patch.meta["hyperparameters"]["lr"] == 1e-3
     assert all(".ca." in k or ".ffn." in k for k in patch.tensors)
     main(["erase", "--model", str(model_file), "--pairs", "a red star => a blue star; a red cat => a blue cat",
-          "--steps", "1", "--out", str(tmp_path / "q.safetensors")])
+          "--concept", "red", "--steps", "1", "--out", str(tmp_path / "q.safetensors")])
     assert len(ErasurePatch.load(tmp_path / "q.safetensors").meta["pairs"]) == 2
 
 

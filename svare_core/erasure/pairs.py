@@ -151,6 +151,27 @@ def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:
     return unique
 
 
+def tag_pairs(pairs: list[PromptPair], concepts: list[str]) -> list[PromptPair]:
+    """User-written pairs (a file, inline lines) tagged with the concept each erases, then validated.
+
+    One concept: every untagged pair erases it. Several: each pair erases the first its unsafe
+    prompt names. A patch must say what it erases, so pairs with no concept, or an unsafe prompt
+    that names none of them, are refused.
+    """
+    concepts = [c.strip() for c in concepts if c and c.strip()]
+    if not concepts and not all(p.concept for p in pairs):
+        raise ValueError("name the concept the pairs erase (--concept, or the concept widget): a patch must say "
+                         "what it erases")
+    if len(concepts) == 1:
+        pairs = [p if p.concept else PromptPair(p.unsafe, p.safe, concepts[0]) for p in pairs]
+    pairs = name_concepts(pairs, concepts)
+    untagged = next((p for p in pairs if not p.concept), None)
+    if untagged is not None:
+        raise ValueError(f"the unsafe prompt {untagged.unsafe!r} names none of the concepts {concepts}: each pair "
+                         "must name the concept it erases")
+    return validate_pairs(pairs)
+
+
 def name_concepts(pairs: list[PromptPair], concepts: list[str]) -> list[PromptPair]:
     """Tag each untagged pair with the first of ``concepts`` its unsafe prompt names."""
     return [p if p.concept else PromptPair(p.unsafe, p.safe, next((c for c in concepts if mentions(p.unsafe, c)), ""))
@@ -164,7 +185,7 @@ def build_pairs(concepts: str | list[str], anchors: str | list[str] | None = Non
     split = lambda v: [x.strip() for x in (v.split(",") if isinstance(v, str) else v or []) if x and x.strip()]  # noqa: E731
     concepts, anchors = split(concepts), split(anchors)
     if pairs_text.strip():
-        return validate_pairs(name_concepts(parse_pairs(pairs_text), concepts))
+        return tag_pairs(parse_pairs(pairs_text), concepts)
     if not concepts:
         raise ValueError("name the concept to erase (or write prompt pairs 'unsafe => safe')")
     if len(anchors) > 1 and len(anchors) != len(concepts):

@@ -30,6 +30,11 @@ def grid_prompts(concept: str, anchor: str) -> list[str]:
                                          colour="green" if concept != "green" else "white")]
 
 
+def output_files(out: Path, concept: str) -> list[Path]:
+    """What a demo run writes into ``out``."""
+    return [out / f"erase_{concept}.safetensors", out / "before_after.png", out / "report.json"]
+
+
 def run_demo(base: VARPipeline, cfg: EraseConfig, settings: SamplerSettings, train: Train, *, concept: str,
              anchor: str, out: str | Path, preserve: list[str] | None = None, seeds: int = 4, grid_seeds: int = 3,
              seed: int = 0, started: float | None = None) -> str:
@@ -42,7 +47,7 @@ def run_demo(base: VARPipeline, cfg: EraseConfig, settings: SamplerSettings, tra
     pairs = expand_concept(concept, anchor, "toy")
     result = train(base, pairs, cfg, preserve_prompts_for(pairs, "toy", preserve), f"erasing '{concept}'")
     patch: ErasurePatch = result.patch
-    patch.save(out / f"erase_{concept}.safetensors")
+    patch.save(output_files(out, concept)[0])
     erased = apply_patch(base, patch)
     prompts = grid_prompts(concept, anchor)
     rows = []

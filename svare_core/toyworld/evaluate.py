@@ -98,6 +98,8 @@ def _features(oracle: Oracle, images: np.ndarray) -> np.ndarray:
 def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *, seeds: int = 4, seed: int = 1000,
                  settings: SamplerSettings | None = None) -> dict:
     """The erasure report for toy-world concepts (see the module docstring)."""
+    for concept in concepts:                 # an unknown name fails now, not after the unrelated images
+        attribute_of(concept)
     settings = settings or SamplerSettings()
     oracle = Oracle()
     report = {"concepts": {}, "settings": {"seeds_per_prompt": seeds, "first_seed": seed, "cfg": settings.cfg,

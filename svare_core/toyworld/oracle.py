@@ -265,9 +265,17 @@ def _unit_moments() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 _UNIT_MOMENTS = _unit_moments()
 
 
+class UnknownValue(KeyError, ValueError):
+    """A name that is no value of the toy world (a user error: ValueError; a failed lookup: KeyError)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def attribute_of(value: str) -> str:
     """Which attribute a value belongs to ("red" -> "colour")."""
     for a in W.ATTRIBUTES:
         if value in W.VALUES[a]:
             return a
-    raise KeyError(f"unknown toy-world value {value!r}")
+    known = ", ".join(v for a in W.ATTRIBUTES for v in W.VALUES[a])
+    raise UnknownValue(f"{value!r} is not a toy-world value; choose one of: {known}")
