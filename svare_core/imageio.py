@@ -150,6 +150,19 @@ def describe(images: ImagesLike) -> Layout:
                   count=int(shape[0]) if batched else 1)
 
 
+def finite_images(images: ImagesLike) -> np.ndarray:
+    """bool ``[N]``: which images hold only finite values (NaN or infinite pixels become 0 or 255 when
+    converted, which would hide that the image is broken). PIL and integer images are always finite."""
+    layout = describe(images)
+    if layout.kind in ("pil", "pil_list"):
+        return np.ones(layout.count, dtype=bool)
+    arr = as_array(images)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return np.ones(layout.count, dtype=bool)
+    arr = arr if layout.batched else arr[None]
+    return np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+
+
 def to_uint8_list(images: ImagesLike) -> list[np.ndarray]:
     """Any accepted input -> list of contiguous ``uint8`` RGB arrays ``[H, W, 3]``."""
     layout = describe(images)

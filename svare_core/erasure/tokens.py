@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,23 @@ def _cache_key(fingerprint: str, prompt: str, seed: int, settings: SamplerSettin
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def _read_cached(path: Path | None, length: int, bits: int) -> torch.Tensor | None:
+    """A cache entry's bits (1, L, d), or None; an entry that cannot be read or does not fit (a truncated
+    file, another model's) is removed, named in a warning, and so recomputed: the cache heals itself."""
+    if path is None or not path.exists():
+        return None
+    try:
+        value = load_file(str(path))["bits"]
+        if tuple(value.shape) != (1, length, bits) or not bool(((value == 0) | (value == 1)).all()):
+            raise ValueError(f"holds bits of shape {tuple(value.shape)}, expected {(1, length, bits)}")
+        return value.float()
+    except Exception as e:  # noqa: BLE001 - any unreadable entry is dropped the same way
+        warnings.warn(f"auxiliary-token cache entry {path} is unusable ({type(e).__name__}: {e}); "
+                      "removed and recomputed", stacklevel=3)
+        path.unlink(missing_ok=True)
+        return None
+
+
 def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
                      scales, cache_dir: str | Path | None = None, fingerprint: str | None = None,
                      callback=None) -> dict[str, AuxTokens]:
@@ -49,8 +67,9 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
         for seed in seeds:
             key = _cache_key(fingerprint, prompt, seed, settings, scales)
             path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
-            if path is not None and path.exists():
-                rows.append(load_file(str(path))["bits"].float())
+            cached = _read_cached(path, sum(h * w for h, w in scales), pipe.transformer.cfg.bits)
+            if cached is not None:
+                rows.append(cached)
                 continue
             res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False)
             bits = torch.cat(res.bits, dim=1)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..imageio import ImagesLike, to_bgr_list, to_pil_list, to_uint8_batch, to_uint8_list
+from ..imageio import ImagesLike, finite_images, to_bgr_list, to_pil_list, to_uint8_batch, to_uint8_list
 from .actions import censor, censor_image, flag, reasons_for, report
 from .base import Detection, Detector, DetectorUnavailable
 from .registry import (
@@ -65,9 +65,10 @@ class SafetyResult:
     """Everything one safety check produced."""
 
     detection: Detection
-    flagged: np.ndarray  # bool [N]
+    flagged: np.ndarray  # bool [N]: at or above the threshold, or not judged
     images: Any  # input layout; flagged images censored if censoring was asked for
     report: str
+    unjudged: np.ndarray | None = None  # bool [N]: images the detector could not judge (flagged: fail closed)
 
 
 def check(
@@ -81,9 +82,27 @@ def check(
     """Score, flag, optionally censor, and report in one call.
 
     ``options`` go to :func:`get_detector` (cached per detector and options).
+    Fails closed: an image the detector cannot judge (non-finite pixels, a score that is not a
+    number in [0, 1]) is flagged, and censored when censoring is on, with the reason.
     """
+    if not (isinstance(threshold, (int, float)) and np.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number in [0, 1], got {threshold!r}")
     det = get_detector(detector, **options)
+    finite = finite_images(images)
     d = det.detect(images, concept=concept)
-    mask = flag(d, threshold)
-    out = censor(images, mask, reasons_for(d, threshold, concept)) if censor_flagged else images
-    return SafetyResult(d, mask, out, report(d, threshold, concept))
+    scores = np.asarray(d.scores, dtype=np.float64).reshape(-1)
+    if len(scores) != len(finite):
+        raise RuntimeError(f"the {detector} detector gave {len(scores)} scores for {len(finite)} images")
+    scored = np.isfinite(scores) & (scores >= 0) & (scores <= 1)
+    unjudged = ~finite | ~scored
+    mask = flag(d, threshold) | unjudged
+    reasons = reasons_for(d, threshold, concept)
+    for i in np.flatnonzero(unjudged):
+        reasons[i] = ("flagged: the image holds NaN or infinite values, it cannot be judged" if not finite[i]
+                      else f"flagged: the {detector} detector gave no usable score ({scores[i]})")
+    out = censor(images, mask, reasons) if censor_flagged else images
+    text = report(d, threshold, concept)
+    if unjudged.any():
+        text += "\n" + "\n".join(f"  #{i}: could not be judged: {reasons[i][len('flagged: '):]}: FLAGGED"
+                                  for i in np.flatnonzero(unjudged))
+    return SafetyResult(d, mask, out, text, unjudged)
