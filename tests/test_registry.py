@@ -148,9 +148,19 @@ def test_a_svare_file_of_an_architecture_not_registered_is_refused(tmp_path):
         load_transformer(path)
 
 
-def test_files_that_do_not_name_their_architectures_hold_infinity_parts():
-    # The bundled toy model was written before part architectures were recorded.
-    assert "transformer_arch" not in read_metadata(WEIGHTS)
+def test_files_that_do_not_name_their_architectures_hold_infinity_parts(tiny_pipeline, tmp_path):
+    # Files written before part architectures (and checksums) were recorded, as the toy model first was.
+    from safetensors import safe_open
+
+    new = save_model(tmp_path / "new.safetensors", transformer=tiny_pipeline.transformer, vae=tiny_pipeline.vae)
+    with safe_open(str(new), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: v for k, v in f.metadata().items() if not k.endswith(("_arch", "checksum"))}
+    legacy = tmp_path / "legacy.safetensors"
+    save_file(tensors, str(legacy), metadata=meta)
+    assert "transformer_arch" not in read_metadata(legacy)
+    assert inspect_file(legacy).architectures == {"transformer": "infinity", "vae": "infinity-vae"}
+    assert isinstance(load_transformer(legacy), Infinity)
     assert inspect_file(WEIGHTS).architectures == {"transformer": "infinity", "vae": "infinity-vae"}
 
 

@@ -8,7 +8,6 @@ unless forced.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..models.format import atomic_save_safetensors, save_model
+from ..models.format import atomic_save_safetensors, content_checksum, save_model
 from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 
@@ -33,13 +32,13 @@ class PatchError(ValueError):
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order (the patch's identity)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
+    """The identity of a patch's tensor data (what a patch trained on top of it records)."""
+    return content_checksum(tensors)
+
+
+def _file_checksum(tensors: dict[str, torch.Tensor], meta_json: str) -> str:
+    """What a patch file records and loading verifies: its tensors and its metadata."""
+    return content_checksum(tensors, meta_json)
 
 
 # metadata field -> (what it must be, the check); fields not listed are free-form (metrics, notes)
@@ -128,7 +127,7 @@ class ErasurePatch:
         except (TypeError, ValueError) as e:
             raise PatchError(f"{path.name}: its metadata cannot be stored as JSON ({e})") from e
         meta = {"format": PATCH_FORMAT, "format_version": str(PATCH_VERSION), "svare_patch": body,
-                "checksum": self.checksum()}
+                "checksum": _file_checksum(self.tensors, body)}
         return atomic_save_safetensors(self.tensors, path, meta)
 
     @classmethod
@@ -156,8 +155,8 @@ class ErasurePatch:
         if "checksum" not in header:
             raise PatchError(f"{path}: has no checksum of its tensor data (format {version}, made by an older svare), "
                              "so a corrupted copy could not be told: train it again, or ask its author for a new copy")
-        if tensor_checksum(tensors) != header["checksum"]:
-            raise PatchError(f"{path}: its tensor data does not match its checksum: the file was corrupted (in a "
+        if _file_checksum(tensors, header.get("svare_patch", "")) != header["checksum"]:
+            raise PatchError(f"{path}: its content does not match its checksum: the file was corrupted (in a "
                              "download or on disk) or edited. Get a fresh copy")
         try:
             meta = json.loads(header.get("svare_patch", ""))

@@ -1,8 +1,8 @@
 """The project's own model file: one safetensors file, configs in its metadata.
 
 Keys are prefixed by component (``transformer.``, ``vae.``); the metadata holds each component's
-registered architecture and JSON config, the default scale schedule and the text encoder to pair
-with. Writes are atomic.
+registered architecture and JSON config, the default scale schedule, the text encoder to pair
+with, and checksums of each part's tensors and of the metadata. Writes are atomic.
 """
 from __future__ import annotations
 
@@ -68,11 +68,14 @@ def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: st
 
     tensors: dict[str, torch.Tensor] = {}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    parts = {}
     for prefix, module in (("transformer", transformer), ("vae", vae)):
         if module is None:
             continue
-        for k, v in unique_state_dict(module).items():
-            tensors[f"{prefix}.{k}"] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        part = {f"{prefix}.{k}": v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                for k, v in unique_state_dict(module).items()}
+        tensors.update(part)
+        parts[prefix] = part
         meta[f"{prefix}_arch"] = architecture_of(module, prefix).name
         meta[f"{prefix}_config"] = json.dumps(module.cfg.to_dict())
     if text_encoder:
@@ -81,7 +84,44 @@ def save_model(path: str | Path, *, transformer=None, vae=None, text_encoder: st
         meta["scales"] = json.dumps([list(s) for s in scales])
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
+    # Checked as the file is read (svare_core.models.registry): a corrupted copy is refused, not loaded.
+    for prefix, part in parts.items():
+        meta[f"{prefix}_checksum"] = content_checksum(part, part_checksum_text(meta, prefix))
+    meta["metadata_checksum"] = metadata_checksum(meta)
     return atomic_save_safetensors(tensors, path, meta)
+
+
+def tensor_sha256(name: str, t: torch.Tensor) -> bytes:
+    """SHA-256 of one tensor's name, dtype, shape and every byte (what a checksum knows of it)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def combine_checksum(digests: dict[str, bytes], extra: str = "") -> str:
+    """One checksum from per-tensor digests (any order: tensors stream in as a module lists them)
+    and ``extra`` text (metadata the checksum covers too)."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(digests[name])
+    h.update(extra.encode())
+    return h.hexdigest()[:32]
+
+
+def content_checksum(tensors: dict[str, torch.Tensor], extra: str = "") -> str:
+    return combine_checksum({k: tensor_sha256(k, v) for k, v in tensors.items()}, extra)
+
+
+def part_checksum_text(metadata: dict[str, str], part: str) -> str:
+    """The metadata a part's checksum covers besides its tensors: its architecture and config."""
+    return f"{metadata.get(part + '_arch', '')}|{metadata.get(part + '_config', '')}"
+
+
+def metadata_checksum(metadata: dict[str, str]) -> str:
+    """Checksum of a svare file's metadata other than the checksums themselves."""
+    body = {k: v for k, v in metadata.items() if not k.endswith("checksum")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

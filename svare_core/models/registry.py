@@ -26,7 +26,8 @@ import torch
 
 from .. import plugins
 from .checkpoint import Checkpoint, ModelLoadError, read_checkpoint
-from .format import DEFAULT_PART_ARCHS, FORMAT, combine_digests, tensor_digest
+from .format import (DEFAULT_PART_ARCHS, FORMAT, combine_checksum, combine_digests, metadata_checksum,
+                     part_checksum_text, tensor_digest, tensor_sha256)
 
 __all__ = ["Architecture", "Layout", "ModelInfo", "ModelLoadError", "PARTS", "architecture_of", "architectures",
            "build", "check_fits", "get", "has_part", "identify", "inspect_file", "layout_of", "load_transformer",
@@ -189,6 +190,10 @@ def _svare_layout(ckpt: Checkpoint, part: str) -> Layout:
     """A part of a svare file: its architecture and JSON config in the metadata (``{part}_arch``,
     ``{part}_config``), its tensors under ``{part}.``."""
     what = PARTS[part]
+    recorded = ckpt.metadata.get("metadata_checksum")
+    if recorded is not None and metadata_checksum(ckpt.metadata) != recorded:
+        raise ModelLoadError(f"{ckpt.path}: its metadata does not match the checksum the file records: the file was "
+                             "corrupted or edited. Get a fresh copy")
     if f"{part}_config" not in ckpt.metadata:
         raise ModelLoadError(f"{ckpt.path}: this svare file holds no {what}")
     name = ckpt.metadata.get(f"{part}_arch", DEFAULT_PART_ARCHS[part])
@@ -315,7 +320,9 @@ def build(ckpt: Checkpoint, found: Layout, *, device: torch.device | str = "cpu"
     check_fits(sum(v.numel() * v.element_size() for v in expected.values()), device,
                f"{path.name} ({type(module).__name__} in {next(iter(expected.values())).dtype})")
     module = module.to_empty(device=device)
-    digests = {}
+    digests, hashes = {}, {}
+    part = found.arch.part
+    expected_checksum = ckpt.metadata.get(f"{part}_checksum") if found.recorded else None
     with torch.no_grad():
         for k, p in _own_tensors(module).items():
             src = ckpt.read(names[k])
@@ -324,8 +331,14 @@ def build(ckpt: Checkpoint, found: Layout, *, device: torch.device | str = "cpu"
                                      "(or the model diverged when it was trained): download it again")
             p.copy_(src)
             digests[k] = tensor_digest(k, src)
+            if expected_checksum is not None:
+                hashes[names[k]] = tensor_sha256(names[k], src)
             ckpt.release(names[k])
             del src
+    if expected_checksum is not None and \
+            combine_checksum(hashes, part_checksum_text(ckpt.metadata, part)) != expected_checksum:
+        raise ModelLoadError(f"{path}: its {PARTS[part]} does not match the checksum the file records: the file was "
+                             "corrupted (in a download or on disk) or edited. Get a fresh copy")
     module.eval()
     module.source_fingerprint = combine_digests(digests)
     return module
