@@ -145,16 +145,15 @@ def cmd_sample(args) -> None:
     settings = _settings(args, pipe)
     settings.validate()
     written = 0
-    bar = tqdm(total=len(prompts), desc="sampling", unit="img")
-    for i in range(0, len(prompts), args.batch):
-        chunk = prompts[i:i + args.batch]
-        res = generate(pipe, chunk, seed=args.seed + i, settings=settings, aspect_ratio=args.aspect_ratio,
-                       preset=args.preset)
-        for j, img in enumerate(res.images):
-            save_png(img, targets[i + j], {"prompt": chunk[j], "seed": str(args.seed + i + j)})
-            written += 1
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(prompts), desc="sampling", unit="img") as bar:
+        for i in range(0, len(prompts), args.batch):
+            chunk = prompts[i:i + args.batch]
+            res = generate(pipe, chunk, seed=args.seed + i, settings=settings, aspect_ratio=args.aspect_ratio,
+                           preset=args.preset)
+            for j, img in enumerate(res.images):
+                save_png(img, targets[i + j], {"prompt": chunk[j], "seed": str(args.seed + i + j)})
+                written += 1
+            bar.update(len(chunk))
     print(f"wrote {written} image{'s' if written != 1 else ''} to {out}")
 
 
@@ -182,15 +181,12 @@ def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
     """erase() with a progress bar showing the losses."""
     from .erasure import erase
 
-    bar = tqdm(total=cfg.steps, desc=desc, unit="step")
+    with tqdm(total=cfg.steps, desc=desc, unit="step") as bar:   # closed (its line ended) on errors too
+        def on_step(s):
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in s.losses.items()})
 
-    def on_step(s):
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in s.losses.items()})
-
-    result = erase(pipe, pairs, cfg, preserve_prompts=preserve, callback=on_step)
-    bar.close()
-    return result
+        return erase(pipe, pairs, cfg, preserve_prompts=preserve, callback=on_step)
 
 
 def cmd_erase(args) -> None:

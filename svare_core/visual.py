@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -187,4 +188,10 @@ def save_png(image, path, text: dict[str, str] | None = None) -> None:
     info = PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, str(v))
-    to_pil(image).save(path, pnginfo=info)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:                                      # atomic: an interrupted run never leaves half a PNG
+        to_pil(image).save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

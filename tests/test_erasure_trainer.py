@@ -313,10 +313,24 @@ def test_non_finite_steps_change_nothing(tiny_pipeline, monkeypatch, bad_loss):
         # a finite loss (0) whose gradient is not: d sqrt(x)/dx at 0 is inf, times 0 -> nan
         return torch.sqrt(logits.sum() * 0), 1.0
 
-    monkeypatch.setattr(losses, "filtered_ce", nan_filtered_ce if bad_loss == "nan_loss" else nan_gradient)
-    res = run(tiny_pipeline, steps=3, max_bad_steps=10, preservation_weight=0)
+    calls = []
+
+    def bad_then_zero(logits, labels, **kw):
+        # Two bad steps, then a finite one with zero gradient (and no weight decay): it moves nothing
+        # either, so any change would come from the bad steps.
+        calls.append(1)
+        if len(calls) <= 2:
+            return (nan_filtered_ce if bad_loss == "nan_loss" else nan_gradient)(logits, labels)
+        return logits.sum() * 0, 1.0
+
+    monkeypatch.setattr(losses, "filtered_ce", bad_then_zero)
+    res = run(tiny_pipeline, steps=3, max_bad_steps=10, preservation_weight=0, weight_decay=0.0)
     assert len(res.history) == 3
     assert all(torch.count_nonzero(t) == 0 for t in res.patch.tensors.values()), "a non-finite step moved weights"
+    # a run that ends on a non-finite step has diverged: nothing comes out
+    monkeypatch.setattr(losses, "filtered_ce", nan_filtered_ce if bad_loss == "nan_loss" else nan_gradient)
+    with pytest.raises(FloatingPointError, match="last step gave a non-finite loss"):
+        run(tiny_pipeline, steps=3, max_bad_steps=10, preservation_weight=0)
 
 
 def test_an_occasional_bad_step_is_skipped_not_fatal(tiny_pipeline, monkeypatch):

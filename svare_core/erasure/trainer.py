@@ -98,9 +98,11 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
             if callback is not None:
                 callback(TrainStep(step + 1, cfg.steps, losses, time.time() - t0))
 
-        if not _finite(run.params):
-            raise FloatingPointError(f"erasure diverged: after {cfg.steps} steps the trained weights are not finite; "
-                                     f"nothing was written. Lower the learning rate (now {cfg.lr})")
+        # Ending on a step whose loss could not be computed means the model ended where the loss is not
+        # finite: diverged (an occasional bad step earlier is skipped and harmless).
+        if bad or not _finite(run.params):
+            raise FloatingPointError(f"erasure diverged: the last step gave a non-finite loss (or the trained weights "
+                                     f"are not finite); nothing was written. Lower the learning rate (now {cfg.lr})")
         patch = _make_patch(run, lora, len(history))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return ErasureResult(patch, history, time.time() - t0, peak)
