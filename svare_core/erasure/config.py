@@ -56,6 +56,17 @@ class EraseConfig:
             for v in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in _REAL:
+            value = getattr(r if name in RESEARCH_OPTIONS else self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("method", "trainable", "lora_targets", "precision"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
+        if not isinstance(r.supervised_scales, str) or (r.preserve_cfg is not None and not isinstance(
+                r.preserve_cfg, (int, float))) or not (isinstance(r.betas, (tuple, list)) and len(r.betas) == 2
+                                                       and all(isinstance(b, (int, float)) for b in r.betas)):
+            raise ValueError("supervised_scales is text, preserve_cfg a number or None, betas two numbers")
         for name in _WHOLE:
             value = getattr(r if name in RESEARCH_OPTIONS else self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -94,6 +105,8 @@ class EraseConfig:
         return {**flat, **asdict(self.research)}
 
 
+_REAL = ("lr", "preservation_weight", "teacher_cfg", "student_cfg", "token_error_rate", "bit_threshold", "teacher_tau",
+         "aux_top_p", "esd_eta", "grad_clip", "weight_decay")
 _WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps")
 USER_OPTIONS = tuple(f.name for f in fields(EraseConfig) if f.name != "research")
 RESEARCH_OPTIONS = tuple(f.name for f in fields(Research))

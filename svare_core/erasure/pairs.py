@@ -25,6 +25,8 @@ class PromptPair:
     concept: str = ""
 
     def __post_init__(self) -> None:
+        if not all(isinstance(x, str) for x in (self.unsafe, self.safe, self.concept)):
+            raise ValueError(f"a prompt pair is text, got {self.unsafe!r} => {self.safe!r} ({self.concept!r})")
         if not self.unsafe.strip() or not self.safe.strip():
             raise ValueError(f"a prompt pair needs two non-empty prompts, got {self.unsafe!r} => {self.safe!r}")
 
@@ -115,19 +117,40 @@ def parse_pairs(text: str, concept: str | None = None) -> list[PromptPair]:
 def load_pairs(path: str | Path, concept: str | None = None) -> list[PromptPair]:
     """Pairs from a .json ([{"unsafe": .., "safe": ..}] or [[u, s], ..]), .csv (unsafe,safe) or text file."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: is not a text file of pairs ({e.reason} at byte {e.start})") from None
     if path.suffix == ".json":
-        items = json.loads(text)
-        pairs = [PromptPair(i["unsafe"], i["safe"], i.get("concept", concept or "")) if isinstance(i, dict)
-                 else PromptPair(i[0], i[1], concept or "") for i in items]
+        try:
+            items = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: is not valid JSON ({e})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: must hold a list of pairs, got {type(items).__name__}")
+        pairs = [_json_pair(item, n, path, concept) for n, item in enumerate(items, 1)]
     elif path.suffix == ".csv":
         rows = [r for r in csv.reader(io.StringIO(text)) if r and not r[0].startswith("#")]
         if rows and [c.strip().lower() for c in rows[0][:2]] == ["unsafe", "safe"]:
             rows = rows[1:]
+        short = next((n for n, r in enumerate(rows, 1) if len(r) < 2), None)
+        if short is not None:
+            raise ValueError(f"{path}: row {short} has {len(rows[short - 1])} column(s); write 'unsafe prompt,safe prompt'")
         pairs = [PromptPair(r[0].strip(), r[1].strip(), concept or "") for r in rows]
     else:
         pairs = parse_pairs(text, concept)
     return pairs
+
+
+def _json_pair(item, n: int, path: Path, concept: str | None) -> PromptPair:
+    """One pair of a .json file: {"unsafe": .., "safe": .., "concept": ..} or [unsafe, safe]."""
+    if isinstance(item, dict) and isinstance(item.get("unsafe"), str) and isinstance(item.get("safe"), str) \
+            and isinstance(item.get("concept", ""), str):
+        return PromptPair(item["unsafe"], item["safe"], item.get("concept") or concept or "")
+    if isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        return PromptPair(item[0], item[1], concept or "")
+    raise ValueError(f"{path}: pair {n} is {json.dumps(item)[:60]}; write {{\"unsafe\": \"...\", \"safe\": \"...\"}} "
+                     "or [\"unsafe prompt\", \"safe prompt\"]")
 
 
 def validate_pairs(pairs: list[PromptPair]) -> list[PromptPair]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import pickle
 import mmap
 import struct
 import sys
@@ -47,6 +48,9 @@ class Checkpoint:
         return all(k in self.state for k in keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.state:
+            raise ModelLoadError(f"{self.path}: has no tensor {key!r}, which its architecture needs; the file is "
+                                 "incomplete or corrupt: download it again")
         return tuple(self.state[key].shape)
 
     def read(self, key: str) -> torch.Tensor:
@@ -116,9 +120,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             return Checkpoint(path, _unwrap(obj, path))
     except ModelLoadError:
         raise
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, which would run code from the file: never.
+        raise ModelLoadError(f"{path}: cannot be read as plain weights (it is corrupt, or it holds code, which svare "
+                             "never runs): download it again, or convert it to .safetensors") from e
     except Exception as e:  # noqa: BLE001 - every reader fails differently on a broken file
-        raise ModelLoadError(f"{path}: cannot be read ({type(e).__name__}: {e}). The file is corrupt, truncated or "
-                             "not a model file: download it again or check the path") from e
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelLoadError(f"{path}: cannot be read ({type(e).__name__}: {reason}). The file is corrupt, truncated "
+                             "or not a model file: download it again or check the path") from e
     raise ModelLoadError(f"{path}: unknown file type {path.suffix!r}; expected .safetensors, a sharded "
                          "model.safetensors.index.json, or .pth")
 

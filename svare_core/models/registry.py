@@ -182,7 +182,15 @@ def layout_of(ckpt: Checkpoint, part: str) -> Layout:
                              + (" or ".join(wanted) or _a(PARTS[part])))
     if not arch.supported:
         raise ModelLoadError(f"{ckpt.path}: is {_a(arch.description)}, which this pack recognises but cannot load yet")
-    config, names = arch.layout(ckpt)
+    try:
+        config, names = arch.layout(ckpt)
+    except ModelLoadError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        # Detection saw the family's keys, but the shapes cannot give a config (a corrupted or cut file).
+        raise ModelLoadError(f"{ckpt.path}: looks like {_a(arch.description)} but its tensors do not give a "
+                             f"consistent architecture ({type(e).__name__}: {e}); the file is corrupt or incomplete: "
+                             "download it again") from e
     return Layout(arch, config, names)
 
 
@@ -301,8 +309,12 @@ def build(ckpt: Checkpoint, found: Layout, *, device: torch.device | str = "cpu"
     whatever ``dtype`` it was loaded in).
     """
     path, names, module_cls = ckpt.path, found.names, found.arch.module
-    with torch.device("meta"):
-        module = module_cls(found.config)
+    try:
+        with torch.device("meta"):
+            module = module_cls(found.config)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: its {PARTS[found.arch.part]} config does not describe a buildable "
+                             f"{module_cls.__name__} ({type(e).__name__}: {e}); the file is corrupt or was edited") from e
     if dtype is not None:
         module = module.to(dtype)
     expected = _own_tensors(module)
