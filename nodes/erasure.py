@@ -157,7 +157,12 @@ class SaveErasurePatch:
         n = 1 + max((int(m.group(1)) for p in (folder.glob(f"{prefix}_*.safetensors") if folder.is_dir() else [])
                      if (m := re.fullmatch(rf"{re.escape(prefix)}_(\d+)\.safetensors", p.name))), default=0)
         name = f"{prefix}_{n:05d}.safetensors"
-        path = patch.save(folder / name)
+        try:
+            path = patch.save(folder / name)
+        except OSError as e:
+            # The patch itself stays in this node's input (ComfyUI keeps it): fix the folder and queue again.
+            raise ValueError(f"could not write {folder / name} ({e.strerror or e}): free some space or make the "
+                             "folder writable, then queue the prompt again (the trained patch is kept)") from e
         return {"ui": {"text": [f"saved {path}"]}, "result": (name,)}
 
 

@@ -78,7 +78,7 @@ class SamplerSettings:
 
     def validate(self) -> None:
         """Refuse settings that would draw a silently wrong image (NaN guidance, a zero temperature, ...)."""
-        cfgs = [self.cfg] if isinstance(self.cfg, (int, float)) else list(self.cfg)
+        cfgs = [self.cfg] if _is_number(self.cfg) else list(self.cfg) if isinstance(self.cfg, (list, tuple)) else []
         if not cfgs or not all(_is_number(c) and math.isfinite(c) for c in cfgs):
             raise ValueError(f"cfg must be a finite number (or one per scale), got {self.cfg!r}")
         if not (_is_number(self.tau) and math.isfinite(self.tau) and self.tau > 0):

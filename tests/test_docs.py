@@ -2,6 +2,7 @@
 link into a markdown page, at a heading that exists), and the README's two commands are Makefile targets."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -103,3 +104,15 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
                  "python-api.md", "exec"), scope)
     assert scope["images"].shape == (1, 64, 64, 3) and scope["result"].patch.concepts == ["red"]
     assert (tmp_path / "no_red.safetensors").is_file() and scope["erased"].patches
+
+
+def test_the_reliability_figures_are_the_fuzz_run_s():
+    """docs/reliability.md's fuzzing table is docs/fuzz_results.json, and that run found no traceback and
+    no silent wrong result."""
+    results = json.loads((ROOT / "docs" / "fuzz_results.json").read_text())
+    assert results["total"]["tracebacks"] == 0 and results["total"]["silent_wrong"] == 0
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    for target, counts in results["targets"].items():
+        row = f"| {target} | {sum(counts.values())} | {counts.get('refused', 0)} | {counts.get('accepted', 0)} |"
+        assert row in text, row
+    assert f"| **all** | **{results['total']['inputs']}** |" in text

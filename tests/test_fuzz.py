@@ -175,3 +175,30 @@ def test_malformed_file_corpus(originals, tmp_path):
             pytest.fail(f"{path.name} was read without an error")
         message = str(e.value)
         assert expected in message and path.name in message and "\n" not in message, (path.name, message)
+
+
+def _metadata_span(data: bytes) -> range:
+    """Byte positions of a safetensors file's ``__metadata__`` object: from its key to the first tensor
+    entry after it (or the end of the header)."""
+    import struct
+
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    start = data.index(b'"__metadata__"')
+    ends = [i for i in (data.find(k, start, header_end) for k in (b'"transformer.', b'"vae.', b'"block_chunks.'))
+            if i > 0]
+    return range(start, min(ends, default=header_end))
+
+
+@pytest.mark.parametrize("which", ["patch", "svare_model"])
+def test_every_bit_flip_in_the_metadata_is_caught(originals, which):
+    """Exhaustive over the metadata (two bits of every byte): a bit flip in a key's name once turned
+    ``transformer_checksum`` into a key the checksums skipped; now each flip is refused or harmless."""
+    data = originals[which].read_bytes()
+    models, patch = tiny_models(), original_patch()
+    outcomes = set()
+    for pos in _metadata_span(data):
+        for bit in (b"\x00", b"\x05"):
+            mutated = mutate(data, "flip", [pos, len(data) - 3], bit)     # and one bit of the last tensor
+            outcomes.add(patch_target(mutated, patch) if which == "patch" else
+                         checkpoint_target(mutated, ".safetensors", models))
+    assert len(_metadata_span(data)) > 300 and outcomes <= {"refused", "accepted"}, outcomes

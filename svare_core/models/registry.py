@@ -335,6 +335,10 @@ def build(ckpt: Checkpoint, found: Layout, *, device: torch.device | str = "cpu"
     digests, hashes = {}, {}
     part = found.arch.part
     expected_checksum = ckpt.metadata.get(f"{part}_checksum") if found.recorded else None
+    if found.recorded and expected_checksum is None and "metadata_checksum" in ckpt.metadata:
+        # A file that checksums its metadata checksums every part: a missing one was removed or damaged.
+        raise ModelLoadError(f"{path}: records no checksum for its {PARTS[part]} although it checksums the rest; the "
+                             "file was corrupted or edited. Get a fresh copy")
     with torch.no_grad():
         for k, p in _own_tensors(module).items():
             src = ckpt.read(names[k])
