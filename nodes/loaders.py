@@ -24,6 +24,7 @@ def _path(kind: str, choice: str) -> str | None:
 
 
 class LoadVAR:
+    SEARCH_ALIASES = ["Infinity", "Infinity-2B", "Infinity-8B", "VAR", "visual autoregressive", "load model"]
     DESCRIPTION = ("Load a next-scale VAR text-to-image model: the bundled toy model, or Infinity-2B/8B from "
                    "models/var (entries marked '(download)' are fetched from Hugging Face on first use).")
     CATEGORY = "svare"

@@ -14,12 +14,16 @@ class SafetyScore:
     DESCRIPTION = ("Score each image for an unwanted concept with a detector, flag those at or above the threshold "
                    "and optionally blur them (censor).")
     CATEGORY = "svare"
-    RETURN_TYPES = ("IMAGE", "STRING", "STRING", "STRING", "BOOLEAN")
-    RETURN_NAMES = ("images", "report", "scores", "flagged", "any_flagged")
+    RETURN_TYPES = ("IMAGE", "STRING", "STRING", "STRING", "BOOLEAN", "FLOAT", "BOOLEAN")
+    RETURN_NAMES = ("images", "report", "scores", "flagged", "any_flagged", "score_values", "flag_values")
+    # The typed lists come last, so workflows wired to the first five outputs keep their links.
+    OUTPUT_IS_LIST = (False, False, False, False, False, True, True)
+    SEARCH_ALIASES = ["NSFW", "nudity", "NudeNet", "censor", "safety checker", "CLIP score"]
     OUTPUT_TOOLTIPS = ("The images, flagged ones blurred and labelled when censor is on.",
                        "A readable report, one line per image.", "JSON list of the per-image scores (0..1).",
                        "JSON list of per-image flags (true = at or above the threshold).",
-                       "True if any image was flagged.")
+                       "True if any image was flagged.", "The per-image scores, as a list of FLOATs.",
+                       "The per-image flags, as a list of BOOLEANs (an image that could not be judged is flagged).")
     FUNCTION = "score"
 
     @classmethod
@@ -47,5 +51,6 @@ class SafetyScore:
                            censor_flagged=censor, **options)
         out = res.images if isinstance(res.images, torch.Tensor) else torch.as_tensor(res.images)
         flagged = [bool(f) for f in res.flagged]
-        return (out.float(), res.report, json.dumps([round(float(s), 4) for s in res.detection.scores]),
-                json.dumps(flagged), any(flagged))
+        scores = [float(s) for s in res.detection.scores]
+        return (out.float(), res.report, json.dumps([round(s, 4) if s == s else None for s in scores]),
+                json.dumps(flagged), any(flagged), scores, flagged)

@@ -1,7 +1,7 @@
 """VAR Sampler: text -> images with a SVARE_VAR_MODEL, one scale at a time."""
 from __future__ import annotations
 
-from svare_core import SamplerSettings, generate
+from svare_core import generate
 
 from . import comfy_adapter as comfy
 from . import common
@@ -10,6 +10,7 @@ from .loaders import MODEL
 
 
 class VARSampler:
+    SEARCH_ALIASES = ["Infinity", "VAR", "sampler", "generate", "text to image"]
     DESCRIPTION = ("Generate images coarse-to-fine with a VAR model. The progress bar advances per scale and "
                    "previews the partial image.")
     CATEGORY = "svare"
@@ -38,8 +39,7 @@ class VARSampler:
 
     def sample(self, model, prompt, negative_prompt, seed, cfg, tau, top_p, top_k, aspect_ratio, resolution,
                batch_size):
-        settings = SamplerSettings(cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
-                                   negative_prompt=negative_prompt.strip() or None)
+        settings = common.sampler_settings(model, cfg, tau, top_p, top_k, negative_prompt.strip())
         bar = comfy.progress(len(model.default_scales(aspect_ratio, resolution)))
         result = generate(model, [prompt] * batch_size, seed=core_seed(seed), settings=settings,
                           aspect_ratio=aspect_ratio, preset=resolution, callback=common.scale_callback(model, bar))

@@ -8,7 +8,7 @@ AUTO = "auto"
 
 SAMPLER = {
     "prompt": "a striped red star on a black background",
-    "cfg": 3.0, "tau": 1.0, "top_p": 0.0, "top_k": 0,
+    "cfg": 0.0, "tau": 0.0, "top_p": -1.0, "top_k": 0,      # 0 / 0 / -1: the model's own (auto)
     "aspect_ratio": "1:1", "resolution": "1M", "batch_size": 1, "seed": 0,
 }
 # 0 (and -1 for preservation_weight, where 0 means "off") stands for the family's value.

@@ -181,12 +181,23 @@ def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
     """erase() with a progress bar showing the losses."""
     from .erasure import erase
 
-    with tqdm(total=cfg.steps, desc=desc, unit="step") as bar:   # closed (its line ended) on errors too
-        def on_step(s):
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in s.losses.items()})
+    targets = tqdm(desc="training targets", unit="img", leave=False)
 
-        return erase(pipe, pairs, cfg, preserve_prompts=preserve, callback=on_step)
+    def on_targets(done: int, total: int) -> None:
+        targets.total = total
+        targets.n = done
+        targets.refresh()
+
+    try:
+        with tqdm(total=cfg.steps, desc=desc, unit="step") as bar:   # closed (its line ended) on errors too
+            def on_step(s):
+                targets.close()
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in s.losses.items()})
+
+            return erase(pipe, pairs, cfg, preserve_prompts=preserve, callback=on_step, targets_callback=on_targets)
+    finally:
+        targets.close()
 
 
 def cmd_erase(args) -> None:

