@@ -11,6 +11,7 @@ from .safety import SafetyScore
 from .sampler import VARSampler
 
 comfy_adapter.register_model_folders()
+comfy_adapter.install_memory_hooks()
 
 _NODES = {
     "SvareLoadVAR": (LoadVAR, "Load VAR Model (svare)"),

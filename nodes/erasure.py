@@ -77,6 +77,7 @@ class EraseConcept:
             "seed": common.seed(d["seed"], "Seed of the training run (targets, pair order)."),
         }}
 
+    @comfy.explain_out_of_memory("erasure")
     def erase(self, model, concept, anchor, kind, pairs, method, steps, learning_rate, trainable, lora_rank,
               preservation_weight, teacher_cfg, preserve_prompts, seed):
         kind = family_of(model).pair_kind if kind == AUTO else kind

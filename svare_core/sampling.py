@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from . import memory
 from .models.bitwise import add_scale, next_input
 from .pipeline import VARPipeline
 
@@ -173,12 +174,20 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
     prompts = check_prompts_and_seed(prompts, seed)
     model: NextScaleModel = pipe.transformer
     scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
-    n, B, d = len(scales), len(prompts), model.cfg.bits
+    n, B = len(scales), len(prompts)
     # Checked before the text encoder runs (the model's begin checks it too).
     if n > model.cfg.num_levels:
         raise ValueError(f"{n} scales but the model knows at most {model.cfg.num_levels}")
     guided = any(s.cfg_at(i, n) != 1.0 for i in range(n))
+    # A host sharing the GPU (ComfyUI) puts the parts on their devices first, with room for the work.
+    with memory.use(pipe, memory.estimate(memory.sampling_bytes, pipe, B, scales, guided, decode), "sampling"):
+        return _sample(pipe, prompts, seed, s, scales, guided, callback, return_logits, decode)
 
+
+def _sample(pipe: VARPipeline, prompts: list[str], seed: int, s: SamplerSettings, scales, guided: bool,
+            callback, return_logits: bool, decode: bool) -> SampleResult:
+    model: NextScaleModel = pipe.transformer
+    n, B, d = len(scales), len(prompts), model.cfg.bits
     feats, mask = pipe.encode_prompts(prompts)
     cond = model.encode_text(feats, mask)
     if guided:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .. import memory
 from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings
@@ -56,6 +57,13 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     pairs = validate_pairs(list(pairs))
     preserve_prompts = method.preserve_prompts(cfg, preserve_prompts or [])
     scales = [tuple(s) for s in (scales or pipe.default_scales("1:1", "0.06M"))]
+    # A host sharing the GPU (ComfyUI) frees room for the run and puts the model on its device first.
+    with memory.use(pipe, memory.estimate(memory.erasure_bytes, pipe, cfg, scales), "erasure"):
+        return _erase(pipe, pairs, cfg, method, preserve_prompts, scales, callback)
+
+
+def _erase(pipe: VARPipeline, pairs: list[PromptPair], cfg: EraseConfig, method, preserve_prompts: list[str],
+           scales, callback) -> ErasureResult:
     device = pipe.transformer.device
     torch.manual_seed(cfg.seed)
     t0 = time.time()
