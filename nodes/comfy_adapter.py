@@ -386,10 +386,10 @@ _OOM_ADVICE = {
                 "text encoder and VAE on the CPU (Load VAR: offload_text_encoder, offload_vae)",
     "compare": "use fewer prompts or a lower resolution, load the models in bf16 (Load VAR: precision), keep "
                "the text encoder and VAE on the CPU (Load VAR: offload_text_encoder, offload_vae)",
-    "erasure": "set trainable to lora (and a low lora_rank), use fewer prompt pairs or preserve_prompts, load the "
-               "model in bf16 (Load VAR: precision), keep the text encoder on the CPU (Load VAR: "
-               "offload_text_encoder); Infinity's defaults (all widgets on auto/0) train LoRA in bf16 with "
-               "gradient checkpointing",
+    "erasure": "set trainable to lora (and a low lora_rank), train in bf16 with gradient checkpointing and fewer "
+               "pairs per step (Infinity's defaults, with the widgets on auto/0), use fewer prompt pairs or "
+               "preserve_prompts, load the model in bf16 (Load VAR: precision), keep the text encoder on the CPU "
+               "(Load VAR: offload_text_encoder)",
 }
 _TASK_NAME = {"sampling": "VAR Sampler", "compare": "Compare", "erasure": "Erase Concept"}
 

@@ -15,6 +15,7 @@ to decide how much to free, never to refuse work.
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from contextlib import contextmanager
@@ -98,12 +99,25 @@ def free_caches() -> None:
     clear_cache()
 
 
-def estimate(fn, *args) -> int:
-    """``fn(*args)``, or 0 for a model that does not have the shape the estimate reads."""
+def estimate(fn, *args, **kwargs) -> int:
+    """``fn(*args, **kwargs)``, or 0 when it fails (a model of another shape, arguments the task itself
+    will refuse): an estimate only tells a host how much to free."""
     try:
-        return int(fn(*args))
-    except (AttributeError, TypeError, ValueError, StopIteration):
+        return max(0, int(fn(*args, **kwargs)))
+    except Exception:       # noqa: BLE001 - a guess must never stop the work it is for
         return 0
+
+
+def task(name: str, estimator: Callable[..., int]):
+    """Decorator: run ``fn(pipe, ...)`` inside :func:`use`, with ``estimator(pipe, ...)`` bytes of working
+    memory (called with the same arguments)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(pipe, *args, **kwargs):
+            with use(pipe, estimate(estimator, pipe, *args, **kwargs), name):
+                return fn(pipe, *args, **kwargs)
+        return run
+    return wrap
 
 
 # -- sizes ----------------------------------------------------------------------------------------

@@ -158,6 +158,17 @@ def decode_preview(pipe: VARPipeline, step: ScaleStep, index: int = 0) -> torch.
     return _decode_images(pipe, step.summed_codes[index:index + 1])[0]
 
 
+def _sampling_estimate(pipe, prompts, *, settings=None, scales=None, aspect_ratio="1:1", preset="1M", decode=True,
+                       **_) -> int:
+    """generate()'s working memory (memory.sampling_bytes) from its arguments."""
+    s = settings or SamplerSettings()
+    scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
+    guided = any(s.cfg_at(i, len(scales)) != 1.0 for i in range(len(scales)))
+    return memory.sampling_bytes(pipe, 1 if isinstance(prompts, str) else len(prompts), scales, guided, decode)
+
+
+# A host sharing the GPU (ComfyUI) puts the parts on their devices first, with room for the work.
+@memory.task("sampling", _sampling_estimate)
 @torch.no_grad()
 def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, settings: SamplerSettings | None = None,
              scales=None, aspect_ratio: str = "1:1", preset: str = "1M",
@@ -174,20 +185,12 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
     prompts = check_prompts_and_seed(prompts, seed)
     model: NextScaleModel = pipe.transformer
     scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
-    n, B = len(scales), len(prompts)
+    n, B, d = len(scales), len(prompts), model.cfg.bits
     # Checked before the text encoder runs (the model's begin checks it too).
     if n > model.cfg.num_levels:
         raise ValueError(f"{n} scales but the model knows at most {model.cfg.num_levels}")
     guided = any(s.cfg_at(i, n) != 1.0 for i in range(n))
-    # A host sharing the GPU (ComfyUI) puts the parts on their devices first, with room for the work.
-    with memory.use(pipe, memory.estimate(memory.sampling_bytes, pipe, B, scales, guided, decode), "sampling"):
-        return _sample(pipe, prompts, seed, s, scales, guided, callback, return_logits, decode)
 
-
-def _sample(pipe: VARPipeline, prompts: list[str], seed: int, s: SamplerSettings, scales, guided: bool,
-            callback, return_logits: bool, decode: bool) -> SampleResult:
-    model: NextScaleModel = pipe.transformer
-    n, B, d = len(scales), len(prompts), model.cfg.bits
     feats, mask = pipe.encode_prompts(prompts)
     cond = model.encode_text(feats, mask)
     if guided:

@@ -43,6 +43,13 @@ class ErasureResult:
     peak_memory_mb: float | None = None
 
 
+def _erasure_estimate(pipe, pairs, config=None, *, scales=None, **_) -> int:
+    """erase()'s working memory (memory.erasure_bytes) from its arguments."""
+    return memory.erasure_bytes(pipe, config or EraseConfig(), scales or pipe.default_scales("1:1", "0.06M"))
+
+
+# A host sharing the GPU (ComfyUI) frees room for the run and puts the model on its device first.
+@memory.task("erasure", _erasure_estimate)
 def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None = None, *,
           preserve_prompts: list[str] | None = None, scales=None,
           callback: Callable[[TrainStep], None] | None = None) -> ErasureResult:
@@ -57,13 +64,6 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     pairs = validate_pairs(list(pairs))
     preserve_prompts = method.preserve_prompts(cfg, preserve_prompts or [])
     scales = [tuple(s) for s in (scales or pipe.default_scales("1:1", "0.06M"))]
-    # A host sharing the GPU (ComfyUI) frees room for the run and puts the model on its device first.
-    with memory.use(pipe, memory.estimate(memory.erasure_bytes, pipe, cfg, scales), "erasure"):
-        return _erase(pipe, pairs, cfg, method, preserve_prompts, scales, callback)
-
-
-def _erase(pipe: VARPipeline, pairs: list[PromptPair], cfg: EraseConfig, method, preserve_prompts: list[str],
-           scales, callback) -> ErasureResult:
     device = pipe.transformer.device
     torch.manual_seed(cfg.seed)
     t0 = time.time()
