@@ -12,6 +12,7 @@ from .sampler import VARSampler
 
 comfy_adapter.register_model_folders()
 comfy_adapter.report_missing_requirements()
+comfy_adapter.install_memory_hooks()
 
 _NODES = {
     "SvareLoadVAR": (LoadVAR, "Load VAR Model: Infinity (svare)"),

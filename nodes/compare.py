@@ -31,6 +31,7 @@ class CompareModels:
             "resolution": common.resolution(d["resolution"]),
         }}
 
+    @comfy.explain_out_of_memory("compare")
     def compare(self, model_before, model_after, prompts, seed, cfg, tau, top_p, resolution):
         lines = common.prompt_lines(prompts)
         if not lines:

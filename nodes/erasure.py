@@ -88,6 +88,7 @@ class EraseConcept:
         """Checked when the prompt is queued, before any node of the graph runs (ComfyUI shows the line)."""
         return validate_concept_inputs(concept, anchor, kind, pairs)
 
+    @comfy.explain_out_of_memory("erasure")
     def erase(self, model, concept, anchor, kind, pairs, method, steps, learning_rate, trainable, lora_rank,
               preservation_weight, teacher_cfg, preserve_prompts, seed, settings=None):
         kind = family_of(model).pair_kind if kind == AUTO else kind

@@ -71,8 +71,14 @@ class LoadVAR:
             raise RuntimeError("device 'cuda' was chosen but this machine has no usable CUDA GPU: choose auto or cpu")
         device = comfy.torch_device() if device == "auto" else device
         model = "toyworld" if transformer == BUNDLED else _path("var", transformer)
+        # load_pipeline_cached holds pipelines only weakly: ComfyUI's cache of node outputs is what keeps a
+        # loaded model alive (and reuses it while this node's inputs stay the same); when ComfyUI drops its
+        # outputs ("free model and node cache", /free) the model is freed, and two Load VAR nodes with the
+        # same options still share one model. Before the weights load, ComfyUI frees room for them
+        # (svare_core.memory.before_load -> comfy_adapter.free_memory_for).
         pipe = load_pipeline_cached(model, vae=_path("var", vae), text_encoder=_path("text_encoders", text_encoder),
                                     device=str(device), dtype=precision,
                                     vae_device="cpu" if offload_vae else None,
                                     text_device="cpu" if offload_text_encoder else str(device))
+        comfy.load_for_use(pipe)        # registered with ComfyUI's model management at once
         return (pipe,)

@@ -7,6 +7,7 @@ import torch
 
 from svare_core import safety
 
+from . import comfy_adapter as comfy
 from .widgets import SAFETY
 
 
@@ -49,6 +50,7 @@ class SafetyScore:
         options = {"model_path": clip_model_path.strip()} if detector == "clip" and clip_model_path.strip() else {}
         res = safety.check(images, detector, concept=concept.strip() or None, threshold=threshold,
                            censor_flagged=censor, **options)
+        comfy.track_caches()            # ComfyUI may now drop the cached detector when it frees memory
         out = res.images if isinstance(res.images, torch.Tensor) else torch.as_tensor(res.images)
         flagged = [bool(f) for f in res.flagged]
         scores = [float(s) for s in res.detection.scores]

@@ -37,6 +37,7 @@ class VARSampler:
                                    "tooltip": "Number of images, drawn with seeds seed, seed+1, ..."}),
         }}
 
+    @comfy.explain_out_of_memory("sampling")
     def sample(self, model, prompt, negative_prompt, seed, cfg, tau, top_p, top_k, aspect_ratio, resolution,
                batch_size):
         settings = common.sampler_settings(model, cfg, tau, top_p, top_k, negative_prompt.strip())

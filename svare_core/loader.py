@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from .models.checkpoint import Checkpoint, ModelLoadError, read_checkpoint
 from .models.registry import has_part, layout_of, load_transformer, load_vae
 from .models.text import TextEncoder, minilm_path
 from .pipeline import VARPipeline
-from . import plugins
+from . import memory, plugins
 
 TEXT_ENCODERS = {"minilm": minilm_path}
 
@@ -111,9 +112,12 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     text_name = str(text_encoder or meta.get("text_encoder") or "")
     text_path = _resolve_text_encoder(text_name or None, path)
     _check_text_width(ckpt, text_path)
+    vae_device = vae_device or device
+    # A host sharing the GPU (ComfyUI) makes room before the weights arrive.
+    memory.before_load(_load_sizes(ckpt, dtype, device, vae_path if vae_path != path else None, vae_device,
+                                   text_path, "cpu" if text_offload else text_device))
     transformer = load_transformer(ckpt, device=device, dtype=dtype)
     # The VAE is small and precision-sensitive: it stays in fp32 unless it shares the GPU.
-    vae_device = vae_device or device
     vae_model = load_vae(vae_path, device=vae_device, token_bits=transformer.cfg.bits,
                          dtype=dtype if str(vae_device) != "cpu" else torch.float32)
     text = TextEncoder(text_path, device=text_device,
@@ -139,13 +143,78 @@ def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:
                              f"expects {expected}: pair it with its own text encoder (Infinity: google/flan-t5-xl)")
 
 
-@lru_cache(maxsize=4)
-def load_pipeline_cached(model: str = "toyworld", vae: str | None = None, text_encoder: str | None = None,
-                         device: str = "cpu", dtype: str = "fp32", vae_device: str | None = None,
-                         text_device: str = "cpu", text_dtype: str | None = None,
-                         text_offload: bool = False) -> VARPipeline:
-    """load_pipeline with a small cache, for callers (nodes, CLI loops) that ask for the same model again.
-    Callers must not modify the returned pipeline: copy the transformer before changing it."""
-    return load_pipeline(model, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype,
-                         vae_device=vae_device, text_device=text_device, text_dtype=text_dtype,
-                         text_offload=text_offload)
+def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_device, text_path: Path,
+                text_device) -> dict[str, int]:
+    """About how many bytes of weights loading will put on each device (from the file's header; the
+    separate VAE and the text encoder from their size on disk, a T5 encoder a quarter of its folder:
+    half the model, in bf16)."""
+    sizes: dict[str, int] = {}
+    e = memory.element_size(dtype or torch.float32)
+    sizes[str(device)] = sum(t.numel() * (e if t.is_floating_point() else t.element_size())
+                             for t in ckpt.state.values())
+    if vae_path is not None:
+        sizes[str(vae_device)] = sizes.get(str(vae_device), 0) + memory.weights_on_disk(vae_path)
+    try:
+        is_t5 = json.loads((text_path / "config.json").read_text()).get("model_type") in ("t5", "mt5", "umt5")
+    except (OSError, ValueError):
+        is_t5 = False
+    text = memory.weights_on_disk(text_path) // (4 if is_t5 else 1)
+    sizes[str(text_device)] = sizes.get(str(text_device), 0) + text
+    return sizes
+
+
+class _WeakPipelineCache:
+    """load_pipeline keyed by its arguments, holding each pipeline only through a weak reference.
+
+    A pipeline is reused while someone holds it (ComfyUI's cache of node outputs, a second Load VAR
+    node with the same options, a script's variable) and freed as soon as nobody does: a host that
+    drops its outputs to free memory (ComfyUI's "free model and node cache") really gets the memory
+    back. A strong cache (functools.lru_cache, which this replaced) would keep up to four models alive
+    that nothing uses and nothing can evict.
+    """
+
+    def __init__(self):
+        self._items: dict[tuple, weakref.ref] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(model="toyworld", vae=None, text_encoder=None, device="cpu", dtype="fp32", vae_device=None,
+             text_device="cpu", text_dtype=None, text_offload=False) -> tuple:
+        return (str(model), vae, text_encoder, str(device), str(dtype), vae_device, str(text_device),
+                text_dtype, bool(text_offload))
+
+    def get(self, *args, **kwargs) -> VARPipeline | None:
+        """The live pipeline loaded with these arguments, or None (nothing is loaded)."""
+        with self._lock:
+            ref = self._items.get(self._key(*args, **kwargs))
+        return ref() if ref is not None else None
+
+    def __call__(self, model: str = "toyworld", vae: str | None = None, text_encoder: str | None = None,
+                 device: str = "cpu", dtype: str = "fp32", vae_device: str | None = None,
+                 text_device: str = "cpu", text_dtype: str | None = None,
+                 text_offload: bool = False) -> VARPipeline:
+        """load_pipeline, reusing a pipeline loaded with the same arguments that is still alive.
+        Callers must not modify the returned pipeline: copy the transformer before changing it."""
+        key = self._key(model, vae, text_encoder, device, dtype, vae_device, text_device, text_dtype, text_offload)
+        pipe = self.get(model, vae, text_encoder, device, dtype, vae_device, text_device, text_dtype, text_offload)
+        if pipe is not None:
+            return pipe
+        pipe = load_pipeline(model, vae=vae, text_encoder=text_encoder, device=device, dtype=dtype,
+                             vae_device=vae_device, text_device=text_device, text_dtype=text_dtype,
+                             text_offload=text_offload)
+        with self._lock:
+            self._items = {k: r for k, r in self._items.items() if r() is not None}
+            self._items[key] = weakref.ref(pipe)
+        return pipe
+
+    def __len__(self) -> int:
+        """How many cached pipelines are still alive."""
+        with self._lock:
+            return sum(r() is not None for r in self._items.values())
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+load_pipeline_cached = _WeakPipelineCache()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from . import memory
 from .models.bitwise import add_scale, next_input
 from .pipeline import VARPipeline
 
@@ -157,6 +158,17 @@ def decode_preview(pipe: VARPipeline, step: ScaleStep, index: int = 0) -> torch.
     return _decode_images(pipe, step.summed_codes[index:index + 1])[0]
 
 
+def _sampling_estimate(pipe, prompts, *, settings=None, scales=None, aspect_ratio="1:1", preset="1M", decode=True,
+                       **_) -> int:
+    """generate()'s working memory (memory.sampling_bytes) from its arguments."""
+    s = settings or SamplerSettings()
+    scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
+    guided = any(s.cfg_at(i, len(scales)) != 1.0 for i in range(len(scales)))
+    return memory.sampling_bytes(pipe, 1 if isinstance(prompts, str) else len(prompts), scales, guided, decode)
+
+
+# A host sharing the GPU (ComfyUI) puts the parts on their devices first, with room for the work.
+@memory.task("sampling", _sampling_estimate)
 @torch.no_grad()
 def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, settings: SamplerSettings | None = None,
              scales=None, aspect_ratio: str = "1:1", preset: str = "1M",

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .. import memory
 from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings
@@ -42,6 +43,13 @@ class ErasureResult:
     peak_memory_mb: float | None = None
 
 
+def _erasure_estimate(pipe, pairs, config=None, *, scales=None, **_) -> int:
+    """erase()'s working memory (memory.erasure_bytes) from its arguments."""
+    return memory.erasure_bytes(pipe, config or EraseConfig(), scales or pipe.default_scales("1:1", "0.06M"))
+
+
+# A host sharing the GPU (ComfyUI) frees room for the run and puts the model on its device first.
+@memory.task("erasure", _erasure_estimate)
 def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None = None, *,
           preserve_prompts: list[str] | None = None, scales=None,
           callback: Callable[[TrainStep], None] | None = None,

@@ -18,13 +18,17 @@ _HALF_PRECISION_TYPES = ("t5", "mt5", "umt5")   # large encoders trained in bf16
 class TextEncoder:
     """Prompts -> (features (B, L, width), mask (B, L)). Frozen; results cached per prompt.
 
+    The cache holds at most ``cache_size`` prompts and ``cache_bytes`` bytes of features (CPU memory;
+    Flan-T5-XL: about 8 KB per token), lives and dies with the encoder, and :meth:`clear_cache` empties it.
+
     ``dtype`` None: bf16 for T5-family encoders (Flan-T5-XL: 2.4 GB instead of 4.8), fp32 for small
     ones. ``offload``: the weights live on the CPU and visit ``device`` only while encoding, so a
     GPU holds the 1.2B-parameter encoder just for the moment prompts are encoded.
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 max_length: int = 512, cache_size: int = 4096, offload: bool = False):
+                 max_length: int = 512, cache_size: int = 4096, cache_bytes: int = 256 * 2**20,
+                 offload: bool = False):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         path = Path(path)
@@ -50,6 +54,8 @@ class TextEncoder:
         self.max_length = max_length
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +64,11 @@ class TextEncoder:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def clear_cache(self) -> None:
+        """Forget every cached prompt's features."""
+        self._cache.clear()
+        self._cached_bytes = 0
 
     def to(self, device) -> "TextEncoder":
         self.model.to(device)
@@ -84,16 +95,19 @@ class TextEncoder:
                 chunk = missing[i:i + 64]
                 for p, feats in zip(chunk, self._encode_uncached(chunk)):
                     self._cache[p] = feats
+                    self._cached_bytes += feats.numel() * feats.element_size()
         finally:
             if missing and self.offload:
                 self.model.to("cpu")
                 if self.run_device.type == "cuda":
                     torch.cuda.empty_cache()
+        wanted = [self._cache[p] for p in prompts]
         for p in prompts:
             self._cache.move_to_end(p)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return pad_features([self._cache[p] for p in prompts])
+        while self._cache and (len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes):
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.numel() * old.element_size()
+        return pad_features(wanted)
 
 
 def _stream_t5(model_cls, config, path: Path, dtype: torch.dtype):

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import os
 import threading
+from collections import OrderedDict
 from typing import Any
 
 from .. import plugins
@@ -34,7 +35,10 @@ def _backends() -> dict[str, tuple[str, str, tuple[str, ...], str]]:
     """The built-in backends, then those plug-ins register (the toy world's oracle)."""
     return {**_BACKENDS, **{n: plugins.get("detector", n) for n in plugins.names("detector") if n not in _BACKENDS}}
 
-_cache: dict[tuple[str, Any], Detector] = {}
+# The most recently used detectors, at most MAX_CACHED of them (a CLIP detector holds a ViT on the GPU):
+# bounded, and emptied by clear_cache(), which the ComfyUI adapter calls when ComfyUI frees memory.
+MAX_CACHED = 4
+_cache: OrderedDict[tuple[str, Any], Detector] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -105,6 +109,8 @@ def get_detector(name: str, *, cache: bool = True, **options: Any) -> Detector:
     if cache:
         with _lock:
             hit = _cache.get(key)
+            if hit is not None:
+                _cache.move_to_end(key)
         if hit is not None:
             return hit
     mod_name, cls_name, _, _ = _backends()[key_name]
@@ -113,7 +119,16 @@ def get_detector(name: str, *, cache: bool = True, **options: Any) -> Detector:
     if cache:
         with _lock:
             det = _cache.setdefault(key, det)
+            _cache.move_to_end(key)
+            while len(_cache) > MAX_CACHED:
+                _cache.popitem(last=False)
     return det
+
+
+def cached_detectors() -> int:
+    """How many detector instances the cache holds."""
+    with _lock:
+        return len(_cache)
 
 
 def clear_cache() -> None:
