@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -58,8 +59,16 @@ if not (Path(COMFY_DIR) / "main.py").is_file():
 if not (Path(COMFY_PY).is_file() and os.access(COMFY_PY, os.X_OK)):
     pytest.fail(f"SVARE_COMFYUI_PYTHON={COMFY_PY!r} is not an executable", pytrace=False)
 
+WORKFLOW_DIR = PACK_DIR / "example_workflows"   # the folder ComfyUI lists as a pack's templates
+
+
 def _workflow_files() -> list[Path]:
-    return sorted((PACK_DIR / "workflows").glob("*.json"))
+    return sorted(WORKFLOW_DIR.glob("*.json"))
+
+
+def _slug(name: str) -> str:
+    """'Multi-concept erasure' -> 'multi_concept_erasure' (screenshot file names)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _expected_nodes() -> list[str] | None:
@@ -199,8 +208,11 @@ def ui_driver():
         pytest.skip(f"UI tests need playwright-core (SVARE_PLAYWRIGHT or NODE_PATH) and Chromium "
                     f"(SVARE_CHROMIUM): {info.get('error')}")
 
-    def run(url: str, workflow: Path, screenshot: Path | None, *, wait: float = 0, queue: bool = True):
+    def run(url: str, workflow: Path | None, screenshot: Path | None, *, wait: float = 0, queue: bool = True,
+            templates: str | None = None):
         args = [node, str(DRIVER), url, str(workflow), str(screenshot or "")]
+        if templates is not None:             # the template browser, for the pack named `templates`
+            args = [node, str(DRIVER), url, "--templates", templates, str(screenshot or "")]
         if wait:
             args += ["--wait", str(int(wait))]
         if not queue:
@@ -227,7 +239,7 @@ def _screenshot_path(name: str) -> Path | None:
 _WORKFLOWS = _workflow_files()
 _WF_PARAMS = [pytest.param(p, id=p.stem) for p in _WORKFLOWS] or [
     pytest.param(None, id="no-workflows",
-                 marks=pytest.mark.skip(reason=f"no workflows in {PACK_DIR / 'workflows'}"))]
+                 marks=pytest.mark.skip(reason=f"no workflows in {WORKFLOW_DIR}"))]
 
 
 # --------------------------------------------------------------------------- tests
@@ -266,10 +278,51 @@ def test_pack_node_definitions_are_complete(server):
 
 def test_workflows_listed_as_templates(server):
     if not _WORKFLOWS:
-        pytest.skip(f"no workflows in {PACK_DIR / 'workflows'}")
+        pytest.skip(f"no workflows in {WORKFLOW_DIR}")
     status, templates = server.get("/api/workflow_templates")
     assert status == 200
     assert sorted(templates.get(PACK_NAME, [])) == sorted(p.stem for p in _WORKFLOWS), templates
+    debug_hint = [ln for ln in server.log_text().splitlines() if "consider renaming it to 'example_workflows'" in ln
+                  and PACK_NAME in ln]
+    assert not debug_hint, debug_hint
+
+
+def _get_bytes(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read()
+
+
+@pytest.mark.parametrize("workflow", _WF_PARAMS)
+def test_template_and_thumbnail_are_served(server, workflow):
+    """What the template browser fetches (frontend 1.27.10, useTemplateWorkflows.ts): the workflow at
+    api.apiURL(`/workflow_templates/${module}/${name}.json`) and its card's thumbnail at
+    `/workflow_templates/${module}/${name}.jpg` (mediaType image, mediaSubtype jpg for custom nodes)."""
+    base = f"{server.url}/api/workflow_templates/{urllib.parse.quote(PACK_NAME)}/{urllib.parse.quote(workflow.stem)}"
+    status, ctype, body = _get_bytes(base + ".json")
+    assert status == 200 and json.loads(body) == json.loads(workflow.read_text()), (status, body[:200])
+    status, ctype, body = _get_bytes(base + ".jpg")
+    assert status == 200, f"GET {base}.jpg -> {status}"
+    assert ctype.startswith("image/jpeg") and body.startswith(b"\xff\xd8\xff"), (ctype, body[:8])
+    assert body == workflow.with_suffix(".jpg").read_bytes()
+
+
+def test_template_browser_shows_every_workflow_with_its_thumbnail(server, ui_driver):
+    """The real frontend's template browser (Templates -> svare): a card per workflow, titled with its
+    file name, whose thumbnail loaded (no 404, no broken-image icon)."""
+    if not _WORKFLOWS:
+        pytest.skip(f"no workflows in {WORKFLOW_DIR}")
+    res = ui_driver(server.url, None, _screenshot_path("template_browser"), templates=PACK_NAME)
+    ctx = json.dumps({k: v for k, v in res.items() if k != "_stderr"}, indent=1)[:6000]
+    assert not res.get("error"), ctx
+    assert sorted(c["name"] for c in res["cards"]) == sorted(p.stem for p in _WORKFLOWS), ctx
+    for card in res["cards"]:
+        assert card["title"] == card["name"], ctx
+        assert card["loaded"] and not card["error_icon"], f"thumbnail of {card['name']!r} not shown: {ctx}"
+    jpgs = [r for r in res["thumbnail_responses"] if r["url"].endswith(".jpg")]
+    assert jpgs and all(r["status"] == 200 for r in jpgs), ctx
 
 
 def _wait_history(server: ComfyServer, prompt_id: str, timeout: float) -> dict:
@@ -294,7 +347,7 @@ def test_workflow_runs_from_the_ui(server, ui_driver, workflow):
     wf = json.loads(workflow.read_text())
     assert isinstance(wf.get("nodes"), list) and "links" in wf, \
         f"{workflow.name} is not a UI-format workflow (needs 'nodes' and 'links')"
-    shot = _screenshot_path(workflow.stem)
+    shot = _screenshot_path(_slug(workflow.stem))
     res = ui_driver(server.url, workflow, shot, wait=WORKFLOW_TIMEOUT)
     ctx = json.dumps({k: v for k, v in res.items() if k != "api_prompt"}, indent=1)[:6000]
     assert not res.get("error"), ctx

@@ -4,6 +4,12 @@
 // Usage:
 //   node ui_driver.mjs URL WORKFLOW.json SCREENSHOT.png [--wait SECONDS] [--no-queue]
 //   node ui_driver.mjs --check      (prints {ok, playwright_core, chromium, chromium_version})
+//   node ui_driver.mjs URL --templates MODULE [SCREENSHOT.png]
+//
+// --templates opens the template browser (command Comfy.BrowseTemplates), picks the category of the
+// custom-node pack MODULE and waits for its cards' thumbnails; it prints {ok, cards: [{name, title,
+// loaded, width, height, error_icon}], thumbnail_responses: [{url, status, type}], page_errors,
+// blocked, error} and screenshots the dialog.
 //
 // Loads the UI-format workflow with app.loadGraphData(), converts it with app.graphToPrompt(),
 // and (unless --no-queue) POSTs it to /prompt from inside the page, like the Queue button does.
@@ -92,8 +98,74 @@ function parseArgs(argv) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+async function templates(url, module, screenshot) {
+  const out = { ok: false, cards: [], thumbnail_responses: [], page_errors: [], console_errors: [], blocked: [],
+    screenshots: [], error: null };
+  const { chromium } = (await loadPlaywright()).pw;
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'svare-chromium-'));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS, viewport: { width: 1600, height: 1000 },
+  });
+  try {
+    await context.route('**/*', (route) => {
+      const u = route.request().url();
+      if (isLocal(u)) return route.continue();
+      out.blocked.push(u);
+      return route.abort();
+    });
+    const page = context.pages()[0] ?? await context.newPage();
+    page.on('pageerror', (e) => out.page_errors.push(String(e && e.stack || e).slice(0, 1500)));
+    page.on('console', (m) => { if (m.type() === 'error') out.console_errors.push(m.text()); });
+    page.on('response', (r) => {
+      if (r.url().includes(`/workflow_templates/${encodeURIComponent(module)}/`)) {
+        out.thumbnail_responses.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] || '' });
+      }
+    });
+    await page.goto(url, { waitUntil: 'domcontentloaded', timeout: 120000 });
+    await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager,
+      null, { timeout: 120000, polling: 250 });
+    await sleep(1000);
+    await page.keyboard.press('Escape').catch(() => {});
+    await sleep(500);
+    await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates'));
+    await page.waitForSelector('[data-testid="template-workflows-content"]', { timeout: 60000 });
+    await page.getByRole('option', { name: module, exact: true }).click({ timeout: 60000 });
+    await page.waitForSelector('[data-testid^="template-workflow-"]', { timeout: 60000 });
+    const cards = async () => page.evaluate(() => [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+      .map((c) => {
+        const img = c.querySelector('img');
+        return { name: c.dataset.testid.replace(/^template-workflow-/, ''),
+          title: (c.querySelector('h3')?.textContent || '').trim(),
+          loaded: !!(img && img.complete && img.naturalWidth > 0 && getComputedStyle(img).display !== 'none'),
+          width: img ? img.naturalWidth : 0, height: img ? img.naturalHeight : 0,
+          error_icon: !!c.querySelector('.pi-image') };
+      }));
+    const deadline = Date.now() + 30000;
+    while (Date.now() < deadline) {
+      out.cards = await cards();
+      if (out.cards.length && out.cards.every((c) => c.loaded || c.error_icon)) break;
+      await sleep(500);
+    }
+    await sleep(1500); // let the cards finish their transitions before the picture
+    out.cards = await cards();
+    if (screenshot) {
+      await page.screenshot({ path: screenshot });
+      out.screenshots.push(screenshot);
+    }
+    out.ok = out.cards.length > 0 && out.cards.every((c) => c.loaded);
+  } catch (e) {
+    out.error = String(e && e.stack || e);
+  } finally {
+    await context.close().catch(() => {});
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+  process.stdout.write(JSON.stringify(out) + '\n');
+  process.exit(out.ok ? 0 : 1);
+}
+
 async function main() {
   if (process.argv[2] === '--check') return check();
+  if (process.argv[3] === '--templates') return templates(process.argv[2], process.argv[4], process.argv[5] || '');
   const args = parseArgs(process.argv.slice(2));
   const out = { ok: false, prompt_id: null, status: null, response: null, missing_node_types: [],
     api_prompt: null, history_status: null, page_errors: [], console_errors: [], screenshots: [],
