@@ -12,10 +12,11 @@ A workflow runs as ComfyUI runs it: its nodes in link order, each through INPUT_
 Erase Concept trains for minutes on a CPU, so by default its patch is a stored one: the patch that
 node trained, kept in ``tests/fixtures/workflow_patches/<workflow>.<node id>.safetensors``, or, when
 the workflow saves it under the name of a patch shipped with the pack (Save Erasure Patch's prefix),
-that patch (``--train --save-patches`` writes them). Before the stored patch stands in, the run checks that the node would
-train it from exactly the same inputs (pairs, preservation prompts, every hyperparameter, the base
-model); only a change of the training code itself goes unnoticed, which ``--train`` (and the test
-run with SVARE_SLOW_TESTS=1) checks by comparing checksums.
+that patch (``--train --save-patches`` writes them). Before the stored patch stands in, the run
+checks that the node would train it from exactly the same inputs (pairs, preservation prompts, every
+hyperparameter, the base model); only a change of the training code itself goes unnoticed, which
+``--train`` (and the test run with SVARE_SLOW_TESTS=1) checks by comparing checksums. Each run
+starts as a freshly started ComfyUI would (see forget_text_features).
 
 The claims: a Note line "What it shows" followed by lines
     - row N: <reading before> -> <reading after>     Compare's row N (before / after column); "unchanged"
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
         failed, seen, run = check(path, train=args.train)
         print(f"== {path.stem} ({run.seconds:.0f} s, {args.threads} thread(s))")
         for (kind, i), r in sorted(seen.items()):
-            print(f"  {kind} {i}: " + " | ".join(f"{k} {v}" for k, v in r.items()))
+            print(f"  {kind} {i}: " + " | ".join(f"{k} {v}" for k, v in r.items() if v is not None))
         for nid, checksum in patch_checksums(path, run).items():
             print(f"  Erase Concept #{nid}: patch checksum {checksum}")
             if args.train and args.save_patches:
@@ -423,6 +424,8 @@ def main(argv=None) -> int:
                 print(f"  saved {run.results[nid][0].save(dest)}")
         for f in failed:
             print(f"  CLAIM FAILS: {f}")
+        if not failed:
+            print(f"  the Note's {len(claims(load(path)))} claims hold")
         bad += bool(failed)
     return 1 if bad else 0
 
