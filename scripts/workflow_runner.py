@@ -279,9 +279,11 @@ def forget_text_features(pipe) -> None:
     keeps each prompt's features as first computed, in a batch with other prompts, and the batch's padding
     changes their last float digits: without this, a workflow's result would depend on the prompts encoded
     before it in the same process (a patch trained after another workflow's training differs)."""
-    features = getattr(getattr(pipe, "text_encoder", None), "_cache", None)
-    if features is not None:
-        features.clear()
+    encoder = getattr(pipe, "text_encoder", None)
+    if hasattr(encoder, "clear_cache"):          # newer TextEncoder: keeps the cache's byte count right
+        encoder.clear_cache()
+    elif getattr(encoder, "_cache", None) is not None:
+        encoder._cache.clear()
 
 
 def run_workflow(path: Path | str, *, train: bool = False, overrides: dict | None = None) -> Run:
