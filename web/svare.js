@@ -21,3 +21,23 @@ app.registerExtension({
     };
   },
 });
+
+// A new Erase Concept node starts with its seed "fixed": pressing Run again then reuses the trained
+// patch from ComfyUI's cache instead of retraining (the frontend gives every "seed" widget
+// "randomize", and a node definition cannot change that). Only new nodes: onNodeCreated runs before
+// a loaded workflow's values are applied, so a saved "randomize" stays what the file says.
+const FIXED_SEED_NODES = new Set(["SvareEraseConcept"]);
+
+app.registerExtension({
+  name: "svare.FixedTrainingSeed",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!FIXED_SEED_NODES.has(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const control = this.widgets?.find((w) => w.name === "control_after_generate");
+      if (control) control.value = "fixed";
+      return result;
+    };
+  },
+});

@@ -209,10 +209,15 @@ def ui_driver():
                     f"(SVARE_CHROMIUM): {info.get('error')}")
 
     def run(url: str, workflow: Path | None, screenshot: Path | None, *, wait: float = 0, queue: bool = True,
-            templates: str | None = None):
+            templates: str | None = None, new_nodes: list[str] | None = None,
+            cancel: tuple[str, int] | None = None):
         args = [node, str(DRIVER), url, str(workflow), str(screenshot or "")]
         if templates is not None:             # the template browser, for the pack named `templates`
             args = [node, str(DRIVER), url, "--templates", templates, str(screenshot or "")]
+        if new_nodes is not None:             # nodes added to an empty graph, as from the node library
+            args = [node, str(DRIVER), url, "--new-nodes", ",".join(new_nodes)]
+        if cancel is not None:                # (node id, training steps): Cancel during the first phase
+            args = [node, str(DRIVER), url, "--cancel", str(workflow), str(cancel[0]), str(cancel[1])]
         if wait:
             args += ["--wait", str(int(wait))]
         if not queue:
@@ -431,3 +436,56 @@ def test_out_of_range_widget_is_rejected(server, ui_driver, workflow):
     assert nid in node_errors, body
     types = [e.get("type") for e in node_errors[nid].get("errors", [])]
     assert err_type in types, body
+
+
+def test_new_erase_concept_node_starts_with_a_fixed_seed(server, ui_driver):
+    """A new Erase Concept node keeps its seed (Run again reuses the trained patch); a new sampler keeps
+    the frontend's usual "randomize" (new images on every Run, as KSampler)."""
+    res = ui_driver(server.url, None, None, new_nodes=["SvareEraseConcept", "SvareVARSampler"])
+    assert not res.get("error") and res["ok"], res
+    controls = {n["type"]: n["controls"] for n in res["nodes"]}
+    assert controls == {"SvareEraseConcept": ["fixed"], "SvareVARSampler": ["randomize"]}, res
+    assert not [e for e in res["page_errors"] if "/extensions/" in e], res["page_errors"]
+
+
+def _erase_workflow(steps: int | None = None, control: str | None = None) -> tuple[dict, int]:
+    """The shipped "Erase style and compare" workflow, optionally with other training steps or seed
+    control; also returns the Erase Concept node's id."""
+    wf = json.loads((WORKFLOW_DIR / "Erase style and compare.json").read_text())
+    (node,) = [n for n in wf["nodes"] if n["type"] == "SvareEraseConcept"]
+    values = node["widgets_values"]
+    assert isinstance(values[5], int) and values[-1] == "fixed", values  # steps ... seed, control
+    if steps is not None:
+        values[5] = steps
+    if control is not None:
+        values[-1] = control
+    return wf, node["id"]
+
+
+def test_a_saved_randomize_seed_is_kept_on_load(server, ui_driver, tmp_path):
+    wf, node_id = _erase_workflow(control="randomize")
+    path = tmp_path / "randomize.json"
+    path.write_text(json.dumps(wf))
+    res = ui_driver(server.url, path, None, queue=False)
+    assert not res.get("error"), res
+    assert [c["value"] for c in res["controls"] if c["node"] == node_id] == ["randomize"], res["controls"]
+
+
+def test_cancel_during_target_generation_stops_within_a_second(server, ui_driver, tmp_path):
+    """Cancel while Erase Concept draws its training targets (its first progress bar, before any
+    training step): the frontend hears "execution_interrupted" within 1 s, and the history records
+    the interruption."""
+    steps = 997  # a total no target count has, to tell the two progress bars apart
+    wf, node_id = _erase_workflow(steps=steps)
+    path = tmp_path / "cancel.json"
+    path.write_text(json.dumps(wf))
+    res = ui_driver(server.url, path, None, cancel=(node_id, steps))
+    ctx = json.dumps({k: v for k, v in res.items() if k != "_stderr"}, indent=1)[:4000]
+    assert not res.get("error"), ctx
+    assert res["progress_before"] and all(p["max"] != steps for p in res["progress_before"]), ctx
+    assert res["ended_by"] == "execution_interrupted", ctx
+    assert res["interrupted_after_ms"] < 1000, ctx
+    print(f"Cancel during target generation: interrupted after {res['interrupted_after_ms']:.0f} ms")
+    entry = _wait_history(server, res["prompt_id"], 60)
+    kinds = [m[0] for m in entry["status"].get("messages", [])]
+    assert "execution_interrupted" in kinds, entry["status"]

@@ -5,6 +5,8 @@
 //   node ui_driver.mjs URL WORKFLOW.json SCREENSHOT.png [--wait SECONDS] [--no-queue]
 //   node ui_driver.mjs --check      (prints {ok, playwright_core, chromium, chromium_version})
 //   node ui_driver.mjs URL --templates MODULE [SCREENSHOT.png]
+//   node ui_driver.mjs URL --new-nodes TYPE[,TYPE...]
+//   node ui_driver.mjs URL --cancel WORKFLOW.json NODE_ID TRAIN_STEPS
 //
 // --templates opens the template browser (command Comfy.BrowseTemplates), picks the category of the
 // custom-node pack MODULE and waits for its cards' thumbnails; it prints {ok, cards: [{name, title,
@@ -98,6 +100,109 @@ function parseArgs(argv) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Opens the frontend in a fresh headless Chromium profile (only loopback requests allowed; page
+// errors, console errors and blocked URLs recorded in `out`), waits until `ready` holds in the page,
+// runs fn(page), then closes the browser and removes the profile.
+async function withApp(url, out, fn, ready = () => window.app && window.app.graph && window.app.canvas &&
+    window.LiteGraph && Object.keys(window.LiteGraph.registered_node_types || {}).length > 0) {
+  const { chromium } = (await loadPlaywright()).pw;
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'svare-chromium-'));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS, viewport: { width: 1600, height: 1000 },
+  });
+  try {
+    await context.route('**/*', (route) => {
+      const u = route.request().url();
+      if (isLocal(u)) return route.continue();
+      out.blocked.push(u);
+      return route.abort();
+    });
+    const page = context.pages()[0] ?? await context.newPage();
+    page.on('pageerror', (e) => out.page_errors.push(String(e && e.stack || e).slice(0, 1500)));
+    page.on('console', (m) => { if (m.type() === 'error') out.console_errors.push(m.text()); });
+    await page.goto(url, { waitUntil: 'domcontentloaded', timeout: 120000 });
+    await page.waitForFunction(ready, null, { timeout: 120000, polling: 250 });
+    await sleep(1000);
+    // Close any first-run dialog (templates browser etc.) so screenshots show the graph.
+    await page.keyboard.press('Escape').catch(() => {});
+    await fn(page);
+  } catch (e) {
+    out.error = String(e && e.stack || e);
+  } finally {
+    await context.close().catch(() => {});
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+}
+
+// --new-nodes: adds one node of each type to an empty graph, as a user dragging it from the node
+// library does, and reports each node's control_after_generate widgets.
+async function newNodes(url, types) {
+  const out = { ok: false, nodes: [], page_errors: [], console_errors: [], blocked: [], error: null };
+  await withApp(url, out, async (page) => {
+    out.nodes = await page.evaluate((types) => {
+      const app = window.app;
+      app.graph.clear();
+      return types.map((type) => {
+        const node = window.LiteGraph.createNode(type);
+        if (!node) return { type, created: false, controls: [] };
+        app.graph.add(node);
+        return { type, created: true, controls: (node.widgets || [])
+          .filter((w) => w.name === 'control_after_generate').map((w) => w.value) };
+      });
+    }, types);
+    out.ok = out.nodes.length > 0 && out.nodes.every((n) => n.created);
+  });
+  process.stdout.write(JSON.stringify(out) + '\n');
+  process.exit(out.ok ? 0 : 1);
+}
+
+// --cancel: loads and queues WORKFLOW, and as soon as node NODE_ID reports a progress whose total is
+// not TRAIN_STEPS (its first phase, drawing the training targets) sends what the Cancel button
+// sends (POST /interrupt); reports the progress seen and the milliseconds until the frontend is told
+// the run was interrupted (or that it ended otherwise).
+async function cancelDuringFirstPhase(url, workflowPath, nodeId, trainSteps) {
+  const out = { ok: false, progress_before: [], interrupted_after_ms: null, ended_by: null, prompt_id: null,
+    page_errors: [], console_errors: [], blocked: [], error: null };
+  const workflow = JSON.parse(fs.readFileSync(workflowPath, 'utf8'));
+  await withApp(url, out, async (page) => {
+    const res = await page.evaluate(async ({ wf, nodeId, trainSteps }) => {
+      const app = window.app;
+      await app.loadGraphData(wf, true, true, 'svare-cancel-test');
+      const p = await app.graphToPrompt();
+      const seen = [];
+      let sentAt = null;
+      const ended = new Promise((resolve) => {
+        app.api.addEventListener('progress', async (e) => {
+          const d = e.detail;
+          if (String(d.node) !== String(nodeId) || sentAt !== null) return;
+          seen.push({ value: d.value, max: d.max });
+          if (d.max !== trainSteps) {
+            sentAt = performance.now();
+            await fetch('/interrupt', { method: 'POST' });
+          }
+        });
+        for (const kind of ['execution_interrupted', 'execution_error', 'execution_success']) {
+          app.api.addEventListener(kind, () => resolve({ kind, at: performance.now() }));
+        }
+      });
+      const resp = await fetch('/prompt', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ prompt: p.output, client_id: app.api.clientId ?? app.api.initialClientId }),
+      });
+      const body = await resp.json();
+      const timeout = new Promise((resolve) => setTimeout(() => resolve({ kind: 'timeout', at: null }), 600000));
+      const end = await Promise.race([ended, timeout]);
+      return { prompt_id: body.prompt_id ?? null, seen, ended_by: end.kind,
+        interrupted_after_ms: sentAt !== null && end.at !== null ? end.at - sentAt : null };
+    }, { wf: workflow, nodeId, trainSteps });
+    Object.assign(out, { prompt_id: res.prompt_id, progress_before: res.seen, ended_by: res.ended_by,
+      interrupted_after_ms: res.interrupted_after_ms });
+    out.ok = res.ended_by === 'execution_interrupted' && res.interrupted_after_ms !== null;
+  });
+  process.stdout.write(JSON.stringify(out) + '\n');
+  process.exit(out.ok ? 0 : 1);
+}
+
 async function templates(url, module, screenshot) {
   const out = { ok: false, cards: [], thumbnail_responses: [], page_errors: [], console_errors: [], blocked: [],
     screenshots: [], error: null };
@@ -166,6 +271,10 @@ async function templates(url, module, screenshot) {
 async function main() {
   if (process.argv[2] === '--check') return check();
   if (process.argv[3] === '--templates') return templates(process.argv[2], process.argv[4], process.argv[5] || '');
+  if (process.argv[3] === '--new-nodes') return newNodes(process.argv[2], process.argv[4].split(','));
+  if (process.argv[3] === '--cancel') {
+    return cancelDuringFirstPhase(process.argv[2], process.argv[4], process.argv[5], Number(process.argv[6]));
+  }
   const args = parseArgs(process.argv.slice(2));
   const out = { ok: false, prompt_id: null, status: null, response: null, missing_node_types: [],
     api_prompt: null, history_status: null, page_errors: [], console_errors: [], screenshots: [],
