@@ -201,6 +201,7 @@ def stream_model(model_cls, config, ckpt, sources: dict[str, tuple[str, slice | 
                                      "download it again")
             read[src] = t.to(expected[k].dtype)   # a fresh buffer per read: no copy to own
             ckpt.release(src)
+            del t                                   # the file's copy goes before the next one is read
         state[k] = read[src] if rows is None else read[src][rows]
     model.load_state_dict(state, assign=True)
     for name, value in (buffers or {}).items():
