@@ -195,10 +195,17 @@ def _text(dtype: str | None):
     return job
 
 
+def _rss_with_transformers() -> int:
+    """RSS once transformers' CLIP classes are imported: the part of the peak that is code, not weights."""
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    return _rss_now()
+
+
 def _clip_text(key: str, dtype: str):
     def job(f):
         from svare_core.loader import DTYPES
         from svare_core.models.text_clip import CLIP_G, CLIP_L, load_clip_text
+        rss_imports = _rss_with_transformers()
         t0 = time.time()
         # a tokenizer that ships in the repo (its ids fit CLIP's vocabulary): the weights are what is measured
         model, tok = load_clip_text(f[key], CLIP_L if key == "clip_l" else CLIP_G, dtype=DTYPES[dtype],
@@ -210,8 +217,24 @@ def _clip_text(key: str, dtype: str):
             width = model(**batch).last_hidden_state.shape[-1]
         return {"seconds": load_s, "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype),
                 "width": width, "file_bytes": f[key].stat().st_size, "rss_after_load_bytes": rss_loaded,
+                "rss_with_transformers_bytes": rss_imports,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     return job
+
+
+def _switti_text(f):
+    from svare_core.models.text_clip import SwittiText
+    tok = FIXTURES / "switti_text_tiny" / "tokenizer_comfy"
+    rss_imports = _rss_with_transformers()
+    t0 = time.time()
+    text = SwittiText(f["clip_l"], f["clip_g"], tokenizer_l=tok, tokenizer_g=tok)   # bf16, as Switti runs them
+    load_s = time.time() - t0
+    t1 = time.time()
+    cond = text.encode(["a photo of a cat on a sofa", ""])
+    return {"seconds": load_s, "encode_seconds": time.time() - t1, "features": list(cond.features.shape),
+            "pooled": list(cond.pooled.shape), "finite": bool(torch.isfinite(cond.features).all()),
+            "rss_with_transformers_bytes": rss_imports,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in text.model.parameters())}
 
 
 def _sample(preset: str, device: str):
@@ -320,6 +343,7 @@ JOBS = {
     "clip_l_bf16": (_clip_text("clip_l", "bf16"), "cpu"),
     "clip_l_fp32": (_clip_text("clip_l", "fp32"), "cpu"),
     "clip_g_bf16": (_clip_text("clip_g", "bf16"), "cpu"),
+    "switti_text_bf16": (_switti_text, "cpu"),
     "patch_2b_bf16": (_patch, "cpu"),
     "sample_2b_256": (_sample("0.06M", "cpu"), "cpu"),
     "erase_2b_256": (_erase("0.06M", "cpu"), "cpu"),
@@ -391,8 +415,12 @@ def table(results: list[dict]) -> str:
         if r["job"].startswith("load") and "fingerprint_seconds" in r:
             note = f"fingerprint {r['source_fingerprint']} ({r['fingerprint_seconds']:.2f} s to recompute)"
         if r["job"].startswith("clip"):
-            note = f"fp16 file {_gb(r.get('file_bytes'))} GB -> {r.get('dtype')}; RSS after imports " \
-                   f"{_gb(r.get('rss_after_imports_bytes'))} GB"
+            note = f"fp16 file {_gb(r.get('file_bytes'))} GB -> {r.get('dtype')}; RSS with transformers imported " \
+                   f"{_gb(r.get('rss_with_transformers_bytes'))} GB"
+        if r["job"].startswith("switti_text"):
+            note = f"clip_l + clip_g; features {r.get('features')}, pooled {r.get('pooled')}, 2 prompts encoded in " \
+                   f"{_s(r.get('encode_seconds'))} s, finite {r.get('finite')}, RSS with transformers imported " \
+                   f"{_gb(r.get('rss_with_transformers_bytes'))} GB"
         if r["job"].startswith("text"):
             note = f"{r.get('layers')} of 24 layers, {r.get('dtype')}; 24 layers: {r.get('params_24_layers', 0) / 1e9:.2f}B " \
                    f"parameters, {_gb(r.get('bytes_24_layers'))} GB"

@@ -16,7 +16,48 @@ import torch
 _HALF_PRECISION_TYPES = ("t5", "mt5", "umt5")   # large encoders trained in bf16: half the memory, same features
 
 
-class TextEncoder:
+class FrozenTextEncoder:
+    """What the text encoders share: a frozen ``self.model`` that runs on ``self.run_device`` (with
+    ``self.offload``, it lives on the CPU and visits the device only to encode), and ``self._cache``, a
+    :class:`PromptCache` of what :meth:`_encode_uncached` returns for each prompt."""
+    model: torch.nn.Module
+    run_device: torch.device
+    offload: bool
+    _cache: "PromptCache"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def clear_cache(self) -> None:
+        """Forget every cached prompt's features."""
+        self._cache.clear()
+
+    def to(self, device):
+        self.model.to(device)
+        self.run_device = torch.device(device)
+        return self
+
+    def _encode_uncached(self, prompts: list[str]) -> list:
+        raise NotImplementedError
+
+    def _encoded(self, prompts: list[str]) -> list:
+        """Each prompt's cached value, computing the missing ones in chunks of 64."""
+        missing = self._cache.missing(prompts)
+        if missing:
+            with visiting(self.model, self.run_device, self.offload):
+                for i in range(0, len(missing), 64):
+                    chunk = missing[i:i + 64]
+                    for p, value in zip(chunk, self._encode_uncached(chunk)):
+                        self._cache.put(p, value)
+        return self._cache.take(prompts)
+
+
+class TextEncoder(FrozenTextEncoder):
     """Prompts -> (features (B, L, width), mask (B, L)). Frozen; results cached per prompt.
 
     The cache holds at most ``cache_size`` prompts and ``cache_bytes`` bytes of features (CPU memory;
@@ -55,52 +96,28 @@ class TextEncoder:
         self.max_length = max_length
         self._cache = PromptCache(cache_size, cache_bytes)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def clear_cache(self) -> None:
-        """Forget every cached prompt's features."""
-        self._cache.clear()
-
-    def to(self, device) -> "TextEncoder":
-        self.model.to(device)
-        self.run_device = torch.device(device)
-        return self
-
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
         batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = self.model(**batch).last_hidden_state.float().cpu()
         lengths = batch["attention_mask"].sum(1).tolist()
-        return [out[i, :n] for i, n in enumerate(lengths)]
+        return [out[i, :n].clone() for i, n in enumerate(lengths)]   # own storage: the cache counts what it holds
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, Lmax, width) float32 on the CPU, zero-padded, and the bool mask of valid tokens."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        missing = self._cache.missing(prompts)
-        if missing:
-            with visiting(self.model, self.run_device, self.offload):
-                for i in range(0, len(missing), 64):
-                    chunk = missing[i:i + 64]
-                    for p, feats in zip(chunk, self._encode_uncached(chunk)):
-                        self._cache.put(p, (feats,))
-        return pad_features([feats for (feats,) in self._cache.take(prompts)])
+        return pad_features(self._encoded(prompts))
 
 
 class PromptCache:
-    """Per-prompt encoder outputs (tuples of CPU tensors), the least recently used dropped first once
+    """Per-prompt encoder outputs (CPU tensors or tuples of them), the least recently used dropped first once
     there are more than ``max_items`` prompts or ``max_bytes`` bytes. Shared by the text encoders."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items, self.max_bytes = max_items, max_bytes
-        self._items: OrderedDict[str, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._items: OrderedDict[str, torch.Tensor | tuple[torch.Tensor, ...]] = OrderedDict()
         self.nbytes = 0
 
     def __len__(self) -> int:
@@ -110,13 +127,13 @@ class PromptCache:
         """The prompts not cached, each once, in order."""
         return list(dict.fromkeys(p for p in prompts if p not in self._items))
 
-    def put(self, prompt: str, value: tuple[torch.Tensor, ...]) -> None:
+    def put(self, prompt: str, value: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
         if prompt in self._items:
             self.nbytes -= _nbytes(self._items.pop(prompt))
         self._items[prompt] = value
         self.nbytes += _nbytes(value)
 
-    def take(self, prompts: list[str]) -> list[tuple[torch.Tensor, ...]]:
+    def take(self, prompts: list[str]) -> list[torch.Tensor | tuple[torch.Tensor, ...]]:
         """The cached values of ``prompts`` (all must have been put), then the cache trimmed to its bounds:
         the values returned stay valid even when they are the ones dropped."""
         wanted = [self._items[p] for p in prompts]
@@ -132,8 +149,8 @@ class PromptCache:
         self.nbytes = 0
 
 
-def _nbytes(value: tuple[torch.Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in value)
+def _nbytes(value: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in ((value,) if isinstance(value, torch.Tensor) else value))
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from .checkpoint import Checkpoint, ModelLoadError, read_checkpoint
-from .text import PromptCache, stream_model, visiting
+from .text import FrozenTextEncoder, PromptCache, stream_model
 
 MAX_TOKENS = 77   # CLIP's context: the reference pads and truncates every prompt to it
 
@@ -97,17 +97,17 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask.cpu(), float("-inf")).to(mask.device)
 
 
-class SwittiText:
+class SwittiText(FrozenTextEncoder):
     """Prompts -> :class:`SwittiTextCondition` (features (B, 77, 2048), pooled (B, 1280), mask (B, 77)).
 
     ``clip_l`` / ``clip_g``: a folder or a weights file of each tower (module docstring);
     ``tokenizer_l`` / ``tokenizer_g``: CLIP tokenizer folders, needed for towers given as files (a
-    folder's own tokenizer wins). ``dtype``: what the towers run
-    in; bf16 by default, as the reference pipeline runs them (fp32 doubles the memory: CLIP-L 0.5 GB,
-    bigG 2.8 GB). ``offload``: the towers live on the CPU and visit ``device`` only while encoding.
-    Results are cached per prompt (at most ``cache_size`` prompts and ``cache_bytes`` bytes of CPU
-    memory, about 0.3 MB a prompt in bf16); :meth:`clear_cache` empties the cache. ``arch_l`` /
-    ``arch_g``: the towers the files must hold (the released ones; tests give tiny ones).
+    folder's own tokenizer wins). ``dtype``: what the towers run in; bf16 by default, as the
+    reference pipeline runs them (fp32 doubles the memory: CLIP-L 0.5 GB, bigG 2.8 GB).
+    ``offload``: the towers live on the CPU and visit ``device`` only while encoding. Results are
+    cached per prompt (at most ``cache_size`` prompts and ``cache_bytes`` bytes of CPU memory, about
+    0.3 MB a prompt in bf16); :meth:`clear_cache` empties the cache. ``arch_l`` / ``arch_g``: the
+    towers the files must hold (the released ones; tests give tiny ones).
     """
 
     def __init__(self, clip_l: str | Path, clip_g: str | Path, *, tokenizer_l: str | Path | None = None,
@@ -127,23 +127,6 @@ class SwittiText:
         self.pooled_width = arch_g.width
         self.max_length = MAX_TOKENS
         self._cache = PromptCache(cache_size, cache_bytes)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def clear_cache(self) -> None:
-        """Forget every cached prompt's features."""
-        self._cache.clear()
-
-    def to(self, device) -> "SwittiText":
-        self.model.to(device)
-        self.run_device = torch.device(device)
-        return self
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[tuple[torch.Tensor, ...]]:
@@ -170,14 +153,7 @@ class SwittiText:
         guidance is the empty prompt ``""``, encoded like any other (the reference's null prompt)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        missing = self._cache.missing(prompts)
-        if missing:
-            with visiting(self.model, self.run_device, self.offload):
-                for i in range(0, len(missing), 64):
-                    chunk = missing[i:i + 64]
-                    for p, value in zip(chunk, self._encode_uncached(chunk)):
-                        self._cache.put(p, value)
-        rows = self._cache.take(prompts)
+        rows = self._encoded(prompts)
         return SwittiTextCondition(torch.stack([r[0] for r in rows]).float(), torch.stack([r[1] for r in rows]).float(),
                                    torch.stack([r[2] for r in rows]))
 
@@ -196,18 +172,19 @@ def load_clip_text(path: str | Path, arch: CLIPTextArch, *, dtype: torch.dtype =
         _check_folder_config(path, arch, role)
         weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
-            raise ModelLoadError(f"{role}: {path} holds no weights ({', '.join(_WEIGHT_FILES[:3])}): download the "
-                                 "whole model folder")
+            raise ModelLoadError(f"{role}: {path} holds no weights (one of {', '.join(_WEIGHT_FILES)}): "
+                                 "download the whole model folder")
         tok_folder = _tokenizer_folder(path) or tokenizer
     else:
         weights, tok_folder = path, tokenizer
+    tok = _load_tokenizer(tok_folder, weights, role)      # before the weights: a missing tokenizer fails fast
     ckpt = read_checkpoint(weights)
     sources = clip_text_sources(ckpt, arch, role)
     module_key = _module_keys(arch)
     positions = next(k for k, _ in _meta_model(arch).named_buffers() if k.endswith("position_ids"))
     model = stream_model(CLIPTextModel, arch.config(), ckpt, {module_key[k]: src for k, src in sources.items()}, dtype,
                          buffers={positions: torch.arange(arch.positions).expand(1, -1)})
-    return model.eval(), _load_tokenizer(tok_folder, weights, role)
+    return model.eval(), tok
 
 
 def clip_text_sources(ckpt: Checkpoint, arch: CLIPTextArch, role: str = "text encoder") -> dict[str, tuple[str, slice | None]]:
