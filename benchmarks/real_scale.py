@@ -9,8 +9,10 @@ The files are built from the key/shape tables in tests/fixtures/ and saved the w
 saves them: Infinity-2B as one plain fp32 .pth pickle, its VAE with the weights under "vae",
 Infinity-8B as 4 safetensors shards + model.safetensors.index.json (fp32-stored and bf16-stored
 copies), the 8B VAE, and a Flan-T5-XL-shaped text encoder (width 2048; few layers, the
-toy model's tokenizer, which ships offline). Every job runs in a fresh process; its peak RSS
-comes from the kernel (wait4), its timings from the job itself. CUDA jobs are skipped without a GPU.
+toy model's tokenizer, which ships offline), and Switti's text towers as ComfyUI keeps them:
+clip_l.safetensors and clip_g.safetensors, fp16, every layer (tests/fixtures/clip_*_text.tsv).
+Every job runs in a fresh process; its peak RSS comes from the kernel (wait4), its timings from the
+job itself. CUDA jobs are skipped without a GPU.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def files(out: Path) -> dict[str, Path]:
     return {"2b": out / "infinity_2b_reg.pth", "vae_2b": out / "infinity_vae_d32reg.pth",
             "8b_fp32": out / "infinity_8b_fp32" / "model.safetensors.index.json",
             "8b_bf16": out / "infinity_8b_bf16" / "model.safetensors.index.json",
-            "vae_8b": out / "infinity_vae_d56_f8_14_patchify.pth", "t5": out / "flan-t5-xl-shaped"}
+            "vae_8b": out / "infinity_vae_d56_f8_14_patchify.pth", "t5": out / "flan-t5-xl-shaped",
+            "clip_l": out / "clip_l.safetensors", "clip_g": out / "clip_g.safetensors"}
 
 
 def write_all(out: Path, which: list[str]) -> None:
@@ -132,6 +135,8 @@ def write_all(out: Path, which: list[str]) -> None:
         "8b_fp32": lambda: write_sharded(f["8b_fp32"].parent, read_table("infinity_8b.tsv"), torch.float32),
         "8b_bf16": lambda: write_sharded(f["8b_bf16"].parent, read_table("infinity_8b.tsv"), torch.bfloat16),
         "t5": lambda: write_text_encoder(f["t5"]),
+        "clip_l": lambda: write_safetensors_streaming(f["clip_l"], read_table("clip_l_text.tsv"), torch.float16),
+        "clip_g": lambda: write_safetensors_streaming(f["clip_g"], read_table("clip_g_text.tsv"), torch.float16),
     }
     for name in which:
         if f[name].exists():
@@ -188,6 +193,48 @@ def _text(dtype: str | None):
                 "bytes_24_layers": full * enc.dtype.itemsize, "dtype": str(enc.dtype), "width": feats.shape[-1],
                 "weight_bytes": sum(p.numel() * p.element_size() for p in enc.model.parameters())}
     return job
+
+
+def _rss_with_transformers() -> int:
+    """RSS once transformers' CLIP classes are imported: the part of the peak that is code, not weights."""
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    return _rss_now()
+
+
+def _clip_text(key: str, dtype: str):
+    def job(f):
+        from svare_core.loader import DTYPES
+        from svare_core.models.text_clip import CLIP_G, CLIP_L, load_clip_text
+        rss_imports = _rss_with_transformers()
+        t0 = time.time()
+        # a tokenizer that ships in the repo (its ids fit CLIP's vocabulary): the weights are what is measured
+        model, tok = load_clip_text(f[key], CLIP_L if key == "clip_l" else CLIP_G, dtype=DTYPES[dtype],
+                                    tokenizer=FIXTURES / "switti_text_tiny" / "tokenizer_comfy", role=key)
+        load_s = time.time() - t0
+        rss_loaded = _rss_now()
+        batch = tok(["a photo of a cat on a sofa"], padding="max_length", max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            width = model(**batch).last_hidden_state.shape[-1]
+        return {"seconds": load_s, "params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype),
+                "width": width, "file_bytes": f[key].stat().st_size, "rss_after_load_bytes": rss_loaded,
+                "rss_with_transformers_bytes": rss_imports,
+                "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    return job
+
+
+def _switti_text(f):
+    from svare_core.models.text_clip import SwittiText
+    tok = FIXTURES / "switti_text_tiny" / "tokenizer_comfy"
+    rss_imports = _rss_with_transformers()
+    t0 = time.time()
+    text = SwittiText(f["clip_l"], f["clip_g"], tokenizer_l=tok, tokenizer_g=tok)   # bf16, as Switti runs them
+    load_s = time.time() - t0
+    t1 = time.time()
+    cond = text.encode(["a photo of a cat on a sofa", ""])
+    return {"seconds": load_s, "encode_seconds": time.time() - t1, "features": list(cond.features.shape),
+            "pooled": list(cond.pooled.shape), "finite": bool(torch.isfinite(cond.features).all()),
+            "rss_with_transformers_bytes": rss_imports,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in text.model.parameters())}
 
 
 def _sample(preset: str, device: str):
@@ -293,6 +340,10 @@ JOBS = {
     "load_8b_fp32": (_load("8b_fp32", "fp32"), "cpu"),      # 33.5 GB: refused up front on a 24 GB machine
     "text_bf16": (_text(None), "cpu"),
     "text_fp32": (_text("fp32"), "cpu"),
+    "clip_l_bf16": (_clip_text("clip_l", "bf16"), "cpu"),
+    "clip_l_fp32": (_clip_text("clip_l", "fp32"), "cpu"),
+    "clip_g_bf16": (_clip_text("clip_g", "bf16"), "cpu"),
+    "switti_text_bf16": (_switti_text, "cpu"),
     "patch_2b_bf16": (_patch, "cpu"),
     "sample_2b_256": (_sample("0.06M", "cpu"), "cpu"),
     "erase_2b_256": (_erase("0.06M", "cpu"), "cpu"),
@@ -363,6 +414,13 @@ def table(results: list[dict]) -> str:
             note = next((ln.strip() for ln in r.get("output") or [] if "parameters" in ln), r.get("error", ""))
         if r["job"].startswith("load") and "fingerprint_seconds" in r:
             note = f"fingerprint {r['source_fingerprint']} ({r['fingerprint_seconds']:.2f} s to recompute)"
+        if r["job"].startswith("clip"):
+            note = f"fp16 file {_gb(r.get('file_bytes'))} GB -> {r.get('dtype')}; RSS with transformers imported " \
+                   f"{_gb(r.get('rss_with_transformers_bytes'))} GB"
+        if r["job"].startswith("switti_text"):
+            note = f"clip_l + clip_g; features {r.get('features')}, pooled {r.get('pooled')}, 2 prompts encoded in " \
+                   f"{_s(r.get('encode_seconds'))} s, finite {r.get('finite')}, RSS with transformers imported " \
+                   f"{_gb(r.get('rss_with_transformers_bytes'))} GB"
         if r["job"].startswith("text"):
             note = f"{r.get('layers')} of 24 layers, {r.get('dtype')}; 24 layers: {r.get('params_24_layers', 0) / 1e9:.2f}B " \
                    f"parameters, {_gb(r.get('bytes_24_layers'))} GB"
@@ -376,7 +434,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="folder for the real-size files (tens of GB)")
     p.add_argument("--write", action="store_true", help="write the files first (skips those that exist)")
-    p.add_argument("--files", default="2b,vae_2b,t5,8b_fp32,8b_bf16,vae_8b", help="which files --write makes")
+    p.add_argument("--files", default="2b,vae_2b,t5,8b_fp32,8b_bf16,vae_8b,clip_l,clip_g", help="which files --write makes")
     p.add_argument("--jobs", default="all", help=f"comma-separated, or 'all': {', '.join(JOBS)}")
     p.add_argument("--json", type=Path, help="append results here (one object per job, keyed by job)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds a job may take")

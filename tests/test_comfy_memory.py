@@ -304,19 +304,19 @@ def test_detector_cache_keeps_the_most_recent(monkeypatch):
 
 
 def test_text_feature_cache_is_bounded_in_bytes(text_encoder):
-    old = text_encoder._cache_bytes
+    old = text_encoder._cache.max_bytes
     text_encoder.clear_cache()
     try:
-        text_encoder._cache_bytes = 1
+        text_encoder._cache.max_bytes = 1
         feats, mask = text_encoder.encode(["a red star", "a blue circle"])
         assert feats.shape[0] == 2 and len(text_encoder._cache) <= 1
-        text_encoder._cache_bytes = old
+        text_encoder._cache.max_bytes = old
         text_encoder.encode(["a red star", "a blue circle"])
-        assert len(text_encoder._cache) == 2
+        assert len(text_encoder._cache) == 2 and text_encoder._cache.nbytes == feats[mask].numel() * 4
         text_encoder.clear_cache()
-        assert len(text_encoder._cache) == 0 and text_encoder._cached_bytes == 0
+        assert len(text_encoder._cache) == 0 and text_encoder._cache.nbytes == 0
     finally:
-        text_encoder._cache_bytes = old
+        text_encoder._cache.max_bytes = old
 
 
 # -- out of memory --------------------------------------------------------------------------------

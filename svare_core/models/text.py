@@ -7,6 +7,7 @@ with a mask, and padding is never attended.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +16,48 @@ import torch
 _HALF_PRECISION_TYPES = ("t5", "mt5", "umt5")   # large encoders trained in bf16: half the memory, same features
 
 
-class TextEncoder:
+class FrozenTextEncoder:
+    """What the text encoders share: a frozen ``self.model`` that runs on ``self.run_device`` (with
+    ``self.offload``, it lives on the CPU and visits the device only to encode), and ``self._cache``, a
+    :class:`PromptCache` of what :meth:`_encode_uncached` returns for each prompt."""
+    model: torch.nn.Module
+    run_device: torch.device
+    offload: bool
+    _cache: "PromptCache"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def clear_cache(self) -> None:
+        """Forget every cached prompt's features."""
+        self._cache.clear()
+
+    def to(self, device):
+        self.model.to(device)
+        self.run_device = torch.device(device)
+        return self
+
+    def _encode_uncached(self, prompts: list[str]) -> list:
+        raise NotImplementedError
+
+    def _encoded(self, prompts: list[str]) -> list:
+        """Each prompt's cached value, computing the missing ones in chunks of 64."""
+        missing = self._cache.missing(prompts)
+        if missing:
+            with visiting(self.model, self.run_device, self.offload):
+                for i in range(0, len(missing), 64):
+                    chunk = missing[i:i + 64]
+                    for p, value in zip(chunk, self._encode_uncached(chunk)):
+                        self._cache.put(p, value)
+        return self._cache.take(prompts)
+
+
+class TextEncoder(FrozenTextEncoder):
     """Prompts -> (features (B, L, width), mask (B, L)). Frozen; results cached per prompt.
 
     The cache holds at most ``cache_size`` prompts and ``cache_bytes`` bytes of features (CPU memory;
@@ -52,28 +94,7 @@ class TextEncoder:
         self.model.requires_grad_(False)
         self.width = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_length = max_length
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_size = cache_size
-        self._cache_bytes = cache_bytes
-        self._cached_bytes = 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def clear_cache(self) -> None:
-        """Forget every cached prompt's features."""
-        self._cache.clear()
-        self._cached_bytes = 0
-
-    def to(self, device) -> "TextEncoder":
-        self.model.to(device)
-        self.run_device = torch.device(device)
-        return self
+        self._cache = PromptCache(cache_size, cache_bytes)
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -81,33 +102,70 @@ class TextEncoder:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = self.model(**batch).last_hidden_state.float().cpu()
         lengths = batch["attention_mask"].sum(1).tolist()
-        return [out[i, :n] for i, n in enumerate(lengths)]
+        return [out[i, :n].clone() for i, n in enumerate(lengths)]   # own storage: the cache counts what it holds
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, Lmax, width) float32 on the CPU, zero-padded, and the bool mask of valid tokens."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing and self.offload:
-            self.model.to(self.run_device)
-        try:
-            for i in range(0, len(missing), 64):
-                chunk = missing[i:i + 64]
-                for p, feats in zip(chunk, self._encode_uncached(chunk)):
-                    self._cache[p] = feats
-                    self._cached_bytes += feats.numel() * feats.element_size()
-        finally:
-            if missing and self.offload:
-                self.model.to("cpu")
-                if self.run_device.type == "cuda":
-                    torch.cuda.empty_cache()
-        wanted = [self._cache[p] for p in prompts]
+        return pad_features(self._encoded(prompts))
+
+
+class PromptCache:
+    """Per-prompt encoder outputs (CPU tensors or tuples of them), the least recently used dropped first once
+    there are more than ``max_items`` prompts or ``max_bytes`` bytes. Shared by the text encoders."""
+
+    def __init__(self, max_items: int, max_bytes: int):
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: OrderedDict[str, torch.Tensor | tuple[torch.Tensor, ...]] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def missing(self, prompts: list[str]) -> list[str]:
+        """The prompts not cached, each once, in order."""
+        return list(dict.fromkeys(p for p in prompts if p not in self._items))
+
+    def put(self, prompt: str, value: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        if prompt in self._items:
+            self.nbytes -= _nbytes(self._items.pop(prompt))
+        self._items[prompt] = value
+        self.nbytes += _nbytes(value)
+
+    def take(self, prompts: list[str]) -> list[torch.Tensor | tuple[torch.Tensor, ...]]:
+        """The cached values of ``prompts`` (all must have been put), then the cache trimmed to its bounds:
+        the values returned stay valid even when they are the ones dropped."""
+        wanted = [self._items[p] for p in prompts]
         for p in prompts:
-            self._cache.move_to_end(p)
-        while self._cache and (len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes):
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.numel() * old.element_size()
-        return pad_features(wanted)
+            self._items.move_to_end(p)
+        while self._items and (len(self._items) > self.max_items or self.nbytes > self.max_bytes):
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= _nbytes(old)
+        return wanted
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+def _nbytes(value: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in ((value,) if isinstance(value, torch.Tensor) else value))
+
+
+@contextmanager
+def visiting(model: torch.nn.Module, device: torch.device, offload: bool):
+    """With ``offload``, ``model`` lives on the CPU and is on ``device`` only inside this block."""
+    if not offload:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _stream_t5(model_cls, config, path: Path, dtype: torch.dtype):
@@ -121,20 +179,54 @@ def _stream_t5(model_cls, config, path: Path, dtype: torch.dtype):
         return None
     ckpt = read_checkpoint(weights)
     with torch.device("meta"):
+        expected = model_cls(config).to(dtype).state_dict()
+    # The input embedding is stored once, as "shared.weight", and tied to the encoder's.
+    sources = {k: (k if k in ckpt.state else "shared.weight", None) for k in expected}
+    if any(src not in ckpt.state or tuple(ckpt.state[src].shape) != tuple(expected[k].shape)
+           for k, (src, _) in sources.items()):
+        return None
+    model = stream_model(model_cls, config, ckpt, sources, dtype)
+    model.tie_weights()
+    return model
+
+
+def stream_model(model_cls, config, ckpt, sources: dict[str, tuple[str, slice | None]], dtype: torch.dtype,
+                 buffers: dict[str, torch.Tensor] | None = None):
+    """``model_cls(config)`` built on the meta device and filled from ``ckpt`` one file tensor at a time,
+    cast to ``dtype`` as read, so no full-precision copy of the file is ever held.
+
+    ``sources`` maps each of the model's keys to a file key and the rows of it to take (None: all), so
+    one file tensor can fill several parameters (OpenCLIP's fused q/k/v, T5's shared embedding); each
+    file tensor is read once. ``buffers``: the values of buffers no file stores (CLIP's position ids).
+    Refuses, before reading, a model that does not fit in free RAM, and a tensor holding NaN or
+    infinite values.
+    """
+    from .checkpoint import ModelLoadError
+    from .registry import check_fits
+
+    with torch.device("meta"):
         model = model_cls(config).to(dtype)
     expected = model.state_dict()
-    # The input embedding is stored once, as "shared.weight", and tied to the encoder's.
-    source = {k: k if k in ckpt.state else "shared.weight" for k in expected}
-    if any(src not in ckpt.state or tuple(ckpt.state[src].shape) != tuple(expected[k].shape)
-           for k, src in source.items()):
-        return None
+    check_fits(sum(v.numel() * v.element_size() for v in expected.values()), "cpu",
+               f"{ckpt.path.name} ({type(model).__name__} in {dtype})")
     state, read = {}, {}
-    for k, src in source.items():
+    for k, (src, rows) in sources.items():
         if src not in read:
-            read[src] = ckpt.read(src).to(expected[k].dtype)   # a fresh buffer per read: no copy to own
-        state[k] = read[src]
+            t = ckpt.read(src)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ModelLoadError(f"{ckpt.path}: tensor {src} holds NaN or infinite values; the file is corrupt: "
+                                     "download it again")
+            read[src] = t.to(expected[k].dtype)   # a fresh buffer per read: no copy to own
+            ckpt.release(src)
+            del t                                   # the file's copy goes before the next one is read
+        state[k] = read[src] if rows is None else read[src][rows]
     model.load_state_dict(state, assign=True)
-    model.tie_weights()
+    for name, value in (buffers or {}).items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__}: buffers {left} have no values: give them in buffers=")
     return model
 
 
