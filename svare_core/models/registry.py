@@ -36,7 +36,8 @@ __all__ = ["Architecture", "Layout", "ModelInfo", "ModelLoadError", "PARTS", "ar
 # The slots of a pipeline an architecture can fill, and how messages name them.
 PARTS = {"transformer": "transformer", "vae": "VAE"}
 
-BUILTIN = ("svare_core.models.arch_infinity", "svare_core.models.arch_infinity_vae", "svare_core.models.arch_var")
+BUILTIN = ("svare_core.models.arch_infinity", "svare_core.models.arch_infinity_vae", "svare_core.models.arch_switti",
+           "svare_core.models.arch_var")
 
 
 @dataclass(frozen=True)
