@@ -17,7 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import svare_core.sampling_vq as sampling_vq
 from svare_core.models import load_transformer, load_vae
+from svare_core.pipeline import VARPipeline
+from svare_core.sampling import generate
+from svare_core.sampling_vq import VQSamplerSettings
 from svare_core.models.switti import Switti
 from svare_core.models.vqvae import VQVAE
 
@@ -146,3 +150,79 @@ def test_vqvae_indices_and_reconstruction(vae, goldens, scales):
     close(vae.decode_indices(per_scale(goldens["vae_indices"], scales), scales), goldens["vae_recon"])
     x, _ = vae.teacher_forcing_inputs(indices, scales)
     close(x, goldens["vae_x"], 1e-5)
+
+
+# -- the sampler ------------------------------------------------------------------------------------
+class GoldenText:
+    """Stands in for Switti's two CLIP encoders: prompts "p0", "p1" and the null prompt "" map to the
+    golden features (the reference pads every prompt to the same length)."""
+    width = 2048
+
+    def __init__(self, goldens):
+        self.rows = {f"p{i}": (goldens["text_context"][i], goldens["text_mask"][i], goldens["text_pooled"][i])
+                     for i in range(2)}
+        self.rows[""] = (goldens["null_context"][0], goldens["null_mask"][0], goldens["null_pooled"][0])
+
+    def encode(self, prompts):
+        ctx, mask, pooled = zip(*(self.rows[p] for p in prompts))
+        return torch.stack(ctx), torch.stack(mask), torch.stack(pooled)
+
+
+def reference_settings(ref_config) -> VQSamplerSettings:
+    s = ref_config["sampling"]
+    return VQSamplerSettings(cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"], smooth=s["more_smooth"],
+                             cfg_start=s["turn_on_cfg_start_si"], cfg_stop=s["turn_off_cfg_start_si"],
+                             final_tau=s["last_scale_temp"])
+
+
+RUNS = [("sample_default", "default", 2), ("sample_ar", "ar", 2), ("sample_default_b1", "default", 1)]
+
+
+@pytest.mark.parametrize("tag,variant,rows", RUNS, ids=[r[0] for r in RUNS])
+@torch.no_grad()
+def test_reference_sampler_logits_along_its_path(models, vae, goldens, scales, ref_config, tag, variant, rows):
+    """The reference sampler's tokens, teacher-forced through our model, give its raw cond/uncond logits."""
+    model, stop = models[variant], ref_config["sampling"]["turn_off_cfg_start_si"]
+    x, _ = vae.teacher_forcing_inputs(per_scale(goldens[f"{tag}_indices"], scales), scales)
+    cond = per_scale(model(condition(model, goldens, rows), x, scales), scales)
+    null = model.encode_text(goldens["null_context"].expand(rows, -1, -1), goldens["null_mask"].expand(rows, -1),
+                             goldens["null_pooled"].expand(rows, -1))
+    uncond = per_scale(model(null, x, scales), scales)
+    for si in range(len(scales)):
+        raw = goldens[f"{tag}_raw_{si}"]
+        assert raw.shape[0] == (2 * rows if si < stop else rows)
+        close(cond[si], raw[:rows])
+        if si < stop:
+            close(uncond[si], raw[rows:])
+
+
+@pytest.mark.parametrize("tag,variant,rows", RUNS, ids=[r[0] for r in RUNS])
+def test_sampler_follows_reference(models, vae, goldens, scales, ref_config, monkeypatch, tag, variant, rows):
+    """Our sampler, its draws forced onto the reference's tokens, sees the reference's guided logits
+    at every scale and decodes the reference's image."""
+    ref = per_scale(goldens[f"{tag}_indices"], scales)
+    seen = []
+
+    def forced(logits, generators, top_k, top_p):
+        seen.append(logits.clone())
+        return ref[len(seen) - 1]
+
+    monkeypatch.setattr(sampling_vq, "draw_indices", forced)
+    pipe = VARPipeline(models[variant], vae, GoldenText(goldens), name="switti_tiny", family="switti")
+    prompts = ["p0", "p1"][:rows]
+    out = generate(pipe, prompts, seed=7, settings=reference_settings(ref_config), return_logits=True)
+    assert len(seen) == len(scales) and out.soft == [False] * len(scales)
+    for si in range(len(scales)):
+        close(seen[si], goldens[f"{tag}_guided_{si}"])
+        close(out.logits[si], goldens[f"{tag}_raw_{si}"][:rows])
+        assert torch.equal(out.indices[si], ref[si])
+    close(out.images, goldens[f"{tag}_image"].permute(0, 2, 3, 1))
+
+
+def test_sampler_draws_what_the_reference_draws(models, vae, goldens, ref_config):
+    """One prompt: the same seed gives the reference's own tokens (one multinomial call per scale on
+    a CPU generator seeded alike) and its image."""
+    pipe = VARPipeline(models["default"], vae, GoldenText(goldens), name="switti_tiny", family="switti")
+    out = generate(pipe, ["p0"], seed=ref_config["sampling"]["seed"], settings=reference_settings(ref_config))
+    assert torch.equal(torch.cat(out.indices, 1), goldens["sample_default_b1_indices"])
+    close(out.images, goldens["sample_default_b1_image"].permute(0, 2, 3, 1))
