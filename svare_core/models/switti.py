@@ -185,6 +185,15 @@ class FourierCrop(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n), requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        # The frequencies stay fp32 when the model is cast (bf16 would move the ~1e4-radian
+        # arguments by whole turns); device moves still apply.
+        kept = self.weight.data
+        super()._apply(fn, recurse)
+        if kept.dtype == torch.float32 and self.weight.dtype != torch.float32:
+            self.weight.data = kept.to(self.weight.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 and this order of products: the arguments reach ~1e4 radians, where rounding shows.
         x_proj = x.float()[:, None] * self.weight.float()[None, :] * 2 * math.pi
