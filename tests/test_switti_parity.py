@@ -226,3 +226,18 @@ def test_sampler_draws_what_the_reference_draws(models, vae, goldens, ref_config
     out = generate(pipe, ["p0"], seed=ref_config["sampling"]["seed"], settings=reference_settings(ref_config))
     assert torch.equal(torch.cat(out.indices, 1), goldens["sample_default_b1_indices"])
     close(out.images, goldens["sample_default_b1_image"].permute(0, 2, 3, 1))
+
+
+def test_smooth_sampler_reproduces_the_reference(models, vae, goldens, ref_config):
+    """Gumbel soft codes from scale 1 (one prompt): the same noise draws as the reference's, so the
+    same logits at every scale and the same image."""
+    pipe = VARPipeline(models["default"], vae, GoldenText(goldens), name="switti_tiny", family="switti")
+    s = reference_settings(ref_config)
+    s.smooth, s.smooth_start = True, ref_config["sampling_smooth_b1"]["smooth_start_si"]
+    out = generate(pipe, ["p0"], seed=ref_config["sampling"]["seed"], settings=s, return_logits=True)
+    assert out.soft == [False, True, True, False]          # soft from scale 1 until guidance is off (3)
+    for si in range(len(out.logits)):
+        close(out.logits[si], goldens[f"sample_smooth_b1_raw_{si}"][:1])
+    close(out.images, goldens["sample_smooth_b1_image"].permute(0, 2, 3, 1))
+    # and it is not the hard sampler's image
+    assert (goldens["sample_smooth_b1_image"] - goldens["sample_default_b1_image"]).abs().max() > 0.01
