@@ -3,6 +3,8 @@ memory check and one clear line for a wrong pairing; the family's sampler defaul
 round-trip the variant; erasure refuses Switti until it exists."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from svare_core.loader import load_pipeline, load_switti
 from svare_core.models import ModelLoadError, load_transformer, load_vae
 from svare_core.models import registry
 from svare_core.models.format import save_model
+from svare_core.models.registry import inspect_file
 from svare_core.pipeline import VARPipeline
 from svare_core.sampling_vq import VQSamplerSettings
 from svare_core.settings import get_family, resolve_sampler
@@ -75,3 +78,9 @@ def test_erasure_refused_for_now(files, goldens):  # noqa: F811
     pipe = VARPipeline(transformer, vae, GoldenText(goldens), name="switti_tiny", family="switti")
     with pytest.raises(ValueError, match="not available yet"):
         erase(pipe, [PromptPair("p0", "p1")])
+
+
+def test_inspect_counts_parameters_not_the_mask(files, ref_config):  # noqa: F811
+    info = inspect_file(files["ar"])
+    assert info.family == "switti" and info.supported and info.config["causal"] is True
+    assert info.num_params == sum(math.prod(s) for s in ref_config["transformer_parameters"].values())

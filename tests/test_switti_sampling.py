@@ -103,3 +103,10 @@ def test_smooth_codes_are_soft_but_indices_hard(pipes, vae, scales):  # noqa: F8
     hard = generate(pipes["default"], ["p0", "p1"], seed=5, settings=VQSamplerSettings(
         cfg=3.0, smooth=False, cfg_stop=3, final_tau=0.5))
     assert hard.soft == [False] * 4 and math.isfinite(float(hard.images.sum()))
+
+
+def test_working_memory_estimate(pipes, scales):  # noqa: F811
+    from svare_core import memory
+    default = memory.sampling_bytes(pipes["default"], 1, scales)
+    ar = memory.sampling_bytes(pipes["ar"], 1, scales)
+    assert 0 < default < ar          # only the AR variant keeps a self-attention cache
