@@ -23,7 +23,7 @@ from torch import nn
 
 from ..schedules import switti_schedule
 from .attention import KVCache, apply_rope
-from .infinity import AdaLNBeforeHead, RMSNorm
+from .infinity import AdaLNBeforeHead, RMSNorm, init_linear_layers
 
 # The crop condition the authors sample with, at every resolution: a 512x512 image, uncropped.
 SAMPLING_CROP = (512, 512, 0, 0)
@@ -289,13 +289,7 @@ class Switti(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+        init_linear_layers(self)
         for blk in self.blocks:   # residual branches start small
             blk.ada_lin[1].weight.data[: 2 * self.cfg.embed_dim].mul_(1e-3)
 
