@@ -110,3 +110,13 @@ def test_working_memory_estimate(pipes, scales):  # noqa: F811
     default = memory.sampling_bytes(pipes["default"], 1, scales)
     ar = memory.sampling_bytes(pipes["ar"], 1, scales)
     assert 0 < default < ar          # only the AR variant keeps a self-attention cache
+
+
+def test_bf16_end_to_end(files, goldens):  # noqa: F811
+    """The AR variant and the VQ-VAE both in bf16 (as on a GPU): soft and hard scales, finite images."""
+    from svare_core.models import load_transformer, load_vae
+    pipe = VARPipeline(load_transformer(files["ar"], dtype=torch.bfloat16), load_vae(files["vae"], dtype=torch.bfloat16),
+                       GoldenText(goldens), family="switti")
+    out = generate(pipe, ["p0", "p1"], seed=1, settings=VQSamplerSettings(cfg=3.0, top_k=10, cfg_stop=3, smooth_start=1))
+    assert out.soft == [False, True, True, False]
+    assert out.images.dtype == torch.float32 and bool(torch.isfinite(out.images).all())
