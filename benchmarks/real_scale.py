@@ -1,4 +1,4 @@
-"""Infinity at real size, with random weights in the released file layouts: load, sample, erase.
+"""Infinity and Switti at real size, with random weights in the released file layouts: load, sample, erase.
 
     python benchmarks/real_scale.py --out /data/svare-real --write          # the files (about 60 GB)
     python benchmarks/real_scale.py --out /data/svare-real --json docs/real_scale.json
@@ -13,6 +13,13 @@ toy model's tokenizer, which ships offline), and Switti's text towers as ComfyUI
 clip_l.safetensors and clip_g.safetensors, fp16, every layer (tests/fixtures/clip_*_text.tsv).
 Every job runs in a fresh process; its peak RSS comes from the kernel (wait4), its timings from the
 job itself. CUDA jobs are skipped without a GPU.
+
+Switti (--files switti_1024,vqvae_switti): Switti-1024's 705 entries as one safetensors file with
+its real buffers (the block-diagonal training mask, fp32, and the level ids), the weights stored in
+bf16 (5.5 GB instead of the release's 10.2 GB fp32: the streaming loader casts per tensor, so
+peak memory does not depend on the stored dtype), and VQVAE-Switti in fp32. Its text encoders are
+measured by the clip_l / clip_g jobs; the Switti sample job feeds random 2048-wide features and pooled
+vectors.
 """
 from __future__ import annotations
 
@@ -58,15 +65,18 @@ def random_state(rows, dtype=torch.float32) -> dict[str, torch.Tensor]:
     return {k: random_tensor(s, dtype, i) for i, (k, s) in enumerate(rows)}
 
 
-_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
 
-def write_safetensors_streaming(path: Path, rows, dtype, seed0: int = 0) -> int:
-    """A safetensors file written one tensor at a time (the writer never holds the whole shard)."""
+def write_safetensors_streaming(path: Path, rows, dtype, seed0: int = 0, fixed: dict | None = None) -> int:
+    """A safetensors file written one tensor at a time (the writer never holds the whole shard).
+    ``fixed``: key -> a function giving that tensor's real value (buffers such as Switti's mask)."""
+    fixed = fixed or {}
+    dtypes = {k: fixed[k]().dtype if k in fixed else dtype for k, _ in rows}
     header, offset = {}, 0
     for k, s in rows:
-        n = math.prod(s) * dtype.itemsize
-        header[k] = {"dtype": _ST[dtype], "shape": list(s), "data_offsets": [offset, offset + n]}
+        n = math.prod(s) * dtypes[k].itemsize
+        header[k] = {"dtype": _ST[dtypes[k]], "shape": list(s), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -75,8 +85,8 @@ def write_safetensors_streaming(path: Path, rows, dtype, seed0: int = 0) -> int:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for i, (k, s) in enumerate(rows):
-            t = random_tensor(s, dtype, seed0 + i)
-            f.write(t.view(torch.uint8).numpy().tobytes() if dtype == torch.bfloat16 else t.numpy().tobytes())
+            t = fixed[k]() if k in fixed else random_tensor(s, dtype, seed0 + i)
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
     os.replace(tmp, path)
     return offset
 
@@ -116,12 +126,24 @@ def write_text_encoder(folder: Path, layers: int = T5_LAYERS) -> Path:
     return folder
 
 
+def switti_buffers(levels: int) -> dict:
+    """Switti's stored buffers with their real values: level ids and the default model's
+    block-diagonal mask (0 within a scale, -inf across), as the release holds them."""
+    from svare_core.schedules import switti_schedule
+    ids = torch.cat([torch.full((h * w,), i) for i, (h, w) in enumerate(switti_schedule(levels))])
+    L = len(ids)
+    return {"lvl_1L": lambda: ids.view(1, L).long(),
+            "attn_bias_for_masking": lambda: torch.where(ids[:, None] == ids[None, :], 0.0, -math.inf).view(1, 1, L, L)}
+
+
 def files(out: Path) -> dict[str, Path]:
     return {"2b": out / "infinity_2b_reg.pth", "vae_2b": out / "infinity_vae_d32reg.pth",
             "8b_fp32": out / "infinity_8b_fp32" / "model.safetensors.index.json",
             "8b_bf16": out / "infinity_8b_bf16" / "model.safetensors.index.json",
             "vae_8b": out / "infinity_vae_d56_f8_14_patchify.pth", "t5": out / "flan-t5-xl-shaped",
-            "clip_l": out / "clip_l.safetensors", "clip_g": out / "clip_g.safetensors"}
+            "clip_l": out / "clip_l.safetensors", "clip_g": out / "clip_g.safetensors",
+            "switti_1024": out / "switti_1024" / "model.safetensors",
+            "vqvae_switti": out / "vqvae_switti" / "model.safetensors"}
 
 
 def write_all(out: Path, which: list[str]) -> None:
@@ -137,12 +159,17 @@ def write_all(out: Path, which: list[str]) -> None:
         "t5": lambda: write_text_encoder(f["t5"]),
         "clip_l": lambda: write_safetensors_streaming(f["clip_l"], read_table("clip_l_text.tsv"), torch.float16),
         "clip_g": lambda: write_safetensors_streaming(f["clip_g"], read_table("clip_g_text.tsv"), torch.float16),
+        "switti_1024": lambda: write_safetensors_streaming(f["switti_1024"], read_table("switti_1024.tsv"),
+                                                           torch.bfloat16, fixed=switti_buffers(14)),
+        "vqvae_switti": lambda: write_safetensors_streaming(f["vqvae_switti"], read_table("vqvae_switti.tsv"),
+                                                            torch.float32),
     }
     for name in which:
         if f[name].exists():
             print(f"  {f[name]} exists", flush=True)
             continue
         t0 = time.time()
+        f[name].parent.mkdir(parents=True, exist_ok=True)
         steps[name]()
         print(f"  wrote {f[name]} in {time.time() - t0:.0f} s", flush=True)
 
@@ -173,6 +200,18 @@ def _load(key: str, dtype: str):
         n = sum(p.numel() for p in model.state_dict().values())
         return {"seconds": seconds, "params": n, "fingerprint_seconds": fp_s,
                 "source_fingerprint": model.source_fingerprint, "exact_fingerprint": exact,
+                "weight_bytes": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
+    return job
+
+
+def _load_vae(key: str, dtype: str):
+    def job(f):
+        from svare_core.loader import DTYPES
+        from svare_core.models import load_vae
+        t0 = time.time()
+        model = load_vae(f[key], dtype=DTYPES[dtype])
+        return {"seconds": time.time() - t0, "params": sum(p.numel() for p in model.state_dict().values()),
+                "source_fingerprint": model.source_fingerprint,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
     return job
 
@@ -289,6 +328,52 @@ def _erase(preset: str, device: str, steps: int = 2):
     return job
 
 
+class _RandomClipText:
+    """Stands in for Switti's two CLIP encoders: random (B, 77, 2048) features, a full mask and
+    (B, 1280) pooled vectors; the same prompt gives the same features."""
+    width = 2048
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(sum(map(ord, p)))
+            out.append((torch.randn(77, 2048, generator=g), torch.ones(77, dtype=torch.bool), torch.randn(1280, generator=g)))
+        return tuple(torch.stack(t) for t in zip(*out))
+
+
+def _switti_sample(resolution: int, device: str):
+    def job(f):
+        from svare_core import generate
+        from svare_core.loader import load_switti
+        from svare_core.pipeline import VARPipeline
+        from svare_core.schedules import SWITTI_RESOLUTIONS, switti_schedule
+        from svare_core.settings import resolve_sampler
+        t0 = time.time()
+        transformer, vae = load_switti(f["switti_1024"], f["vqvae_switti"], dtype="bf16", device=device,
+                                       vae_device="cpu" if device == "cpu" else device)
+        load_s = time.time() - t0
+        pipe = VARPipeline(transformer, vae, _RandomClipText(), name="switti_1024_random", family="switti")
+        # Switti-512 has Switti-1024's width and depth: the 1024 model's weights on the 512 px
+        # schedule do a 512 px sample's work (their images mean nothing: random weights).
+        scales = switti_schedule(SWITTI_RESOLUTIONS[resolution])
+        settings = resolve_sampler("switti")
+        steps = []
+        t1 = time.time()
+        res = generate(pipe, ["a photo of a cat on a sofa"], seed=0, settings=settings, scales=scales,
+                       callback=lambda s: steps.append(time.time()))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out = {"load_seconds": load_s, "seconds_per_image": time.time() - t1, "image": list(res.images.shape),
+               "finite": bool(torch.isfinite(res.images).all()), "scales": len(scales),
+               "tokens": sum(h * w for h, w in scales), "transformer_seconds": steps[-1] - t1,
+               "weight_bytes": sum(v.numel() * v.element_size() for v in transformer.state_dict().values()),
+               "causal": transformer.cfg.causal}
+        if device == "cuda":
+            out["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
+        return out
+    return job
+
+
 def _patch(f):
     """A rank-4 LoRA patch on every attention projection of the 2B (the Infinity default): saved, loaded,
     applied, stacked with a second one and removed again, in bf16 on the CPU."""
@@ -347,6 +432,11 @@ JOBS = {
     "patch_2b_bf16": (_patch, "cpu"),
     "sample_2b_256": (_sample("0.06M", "cpu"), "cpu"),
     "erase_2b_256": (_erase("0.06M", "cpu"), "cpu"),
+    "inspect_switti_1024": (_inspect("switti_1024"), "cpu"),
+    "load_switti_1024_bf16": (_load("switti_1024", "bf16"), "cpu"),
+    "load_vqvae_switti_fp32": (_load_vae("vqvae_switti", "fp32"), "cpu"),
+    "sample_switti_512_cpu": (_switti_sample(512, "cpu"), "cpu"),
+    "cuda_sample_switti_1024": (_switti_sample(1024, "cuda"), "cuda"),
     "cuda_sample_2b_1024": (_sample("1M", "cuda"), "cuda"),
     "cuda_erase_2b_512": (_erase("0.25M", "cuda", steps=3), "cuda"),
     "cuda_erase_2b_1024": (_erase("1M", "cuda", steps=3), "cuda"),
@@ -406,6 +496,8 @@ def table(results: list[dict]) -> str:
                    f"{r['trainable']} rank {r['lora_rank']}"
         if "seconds_per_image" in r:
             note = f"image {r['image']}, load {r['load_seconds']:.0f} s, finite {r['finite']}"
+            if "tokens" in r:
+                note += f"; {r['scales']} scales, {r['tokens']} tokens, transformer+codes {r['transformer_seconds']:.0f} s"
         if r["job"].startswith("patch"):
             note = f"LoRA r4 on {r.get('patched_tensors')} tensors ({r.get('patched_values', 0) / 1e9:.2f}B values), " \
                    f"file {_gb(r.get('patch_file_bytes'))} GB, RSS after load {_gb(r.get('rss_after_load_bytes'))} GB, " \

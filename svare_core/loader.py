@@ -105,6 +105,10 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     # Everything that can be checked in seconds is, before minutes of loading.
     ckpt = read_checkpoint(path)                # opened once: checked here, then loaded
     meta = ckpt.metadata
+    if layout_of(ckpt, "transformer").arch.name == "switti":
+        raise ModelLoadError(f"{path}: is a Switti transformer; its two CLIP text encoders are not wired into "
+                             "load_pipeline yet: load the transformer and VQ-VAE with svare_core.loader.load_switti "
+                             "and sample with a VARPipeline around them (docs/switti.md)")
     vae_path = resolve_model_path(vae) if vae is not None else (path if has_part(ckpt, "vae") else None)
     if vae_path is None:
         raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
@@ -130,6 +134,35 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
                        text_encoder_name=text_name)
 
 
+def load_switti(model: str | Path, vae: str | Path, *, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype = "fp32", vae_device: str | torch.device | None = None):
+    """Switti's transformer and its VQ-VAE (VQVAE-Switti), streamed one tensor at a time as Infinity's
+    are, with the same memory checks; returns (transformer, vae). Which variant (default or AR) the
+    transformer is comes from its stored mask."""
+    with torch.inference_mode(False):
+        dtype = _dtype(dtype, "dtype")
+        device = check_device(device)
+        vae_device = check_device(vae_device, "vae_device") if vae_device is not None else device
+        path, vae_path = resolve_model_path(model), resolve_model_path(vae)
+        ckpt = read_checkpoint(path)
+        found = layout_of(ckpt, "transformer")
+        if found.arch.name != "switti":
+            raise ModelLoadError(f"{path}: is {found.arch.description}, not a Switti transformer: use load_pipeline")
+        vae_ckpt = read_checkpoint(vae_path)
+        if layout_of(vae_ckpt, "vae").arch.name != "var-vqvae":
+            raise ModelLoadError(f"{vae_path}: is not a VAR multi-scale VQ-VAE: Switti needs VQVAE-Switti's model.safetensors")
+        sizes = _load_sizes(ckpt, dtype, device, vae_path, vae_device, None, "cpu")
+        memory.before_load(sizes)
+        transformer = load_transformer(ckpt, device=device, dtype=dtype)
+        # The VAE is small and precision-sensitive: fp32 unless it shares the GPU.
+        vae_model = load_vae(vae_ckpt, device=vae_device, dtype=dtype if str(vae_device) != "cpu" else torch.float32)
+        t, v = transformer.cfg, vae_model.cfg
+        if (t.vocab_size, t.code_dim) != (v.vocab_size, v.z_channels):
+            raise ModelLoadError(f"{vae_path}: has {v.vocab_size} codes of width {v.z_channels} but {path.name} draws "
+                                 f"{t.vocab_size} of width {t.code_dim}: use the VQ-VAE released with it (VQVAE-Switti)")
+        return transformer, vae_model
+
+
 def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:
     """A text encoder whose width the transformer cannot read is refused before anything loads."""
     try:
@@ -143,7 +176,7 @@ def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:
                              f"expects {expected}: pair it with its own text encoder (Infinity: google/flan-t5-xl)")
 
 
-def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_device, text_path: Path,
+def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_device, text_path: Path | None,
                 text_device) -> dict[str, int]:
     """About how many bytes of weights loading will put on each device (from the file's header; the
     separate VAE and the text encoder from their size on disk, a T5 encoder a quarter of its folder:
@@ -154,6 +187,8 @@ def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_devi
                              for t in ckpt.state.values())
     if vae_path is not None:
         sizes[str(vae_device)] = sizes.get(str(vae_device), 0) + memory.weights_on_disk(vae_path)
+    if text_path is None:
+        return sizes
     try:
         is_t5 = json.loads((text_path / "config.json").read_text()).get("model_type") in ("t5", "mt5", "umt5")
     except (OSError, ValueError):

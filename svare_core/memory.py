@@ -155,9 +155,11 @@ def sampling_bytes(pipe, batch: int, scales, guided: bool = True, decode: bool =
     rows = max(1, int(batch)) * (2 if guided else 1)
     tokens = sum(h * w for h, w in scales)
     last = max(h * w for h, w in scales)
-    kv = c.depth * 2 * rows * tokens * c.embed_dim * e
+    # Switti's default model caches no self-attention (each scale sees itself); its logits are 4096-way.
+    cached = tokens if getattr(c, "causal", True) else 0
+    kv = c.depth * 2 * rows * cached * c.embed_dim * e
     block = rows * last * (6 * c.embed_dim + 2 * c.ffn_dim) * e
-    logits = 3 * rows * last * c.bits * 2 * 4
+    logits = 3 * rows * last * (getattr(c, "vocab_size", None) or c.bits * 2) * 4
     total = kv + block + logits
     if decode:
         v = pipe.vae.cfg

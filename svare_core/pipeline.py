@@ -26,9 +26,12 @@ class VARPipeline:
     base_fingerprint: str | None = None             # fingerprint of the transformer before any patch
 
     def __post_init__(self) -> None:
-        if self.transformer.cfg.bits != self.vae.cfg.bits:
-            raise ValueError(f"the VAE gives {self.vae.cfg.bits}-bit tokens but the transformer expects "
-                             f"{self.transformer.cfg.bits}: pair the transformer with its own VAE")
+        if getattr(self.transformer, "token_kind", "bits") == "vq":
+            self._check_vq_pair()
+        elif self.transformer.cfg.bits != getattr(self.vae.cfg, "bits", None):
+            gives = f"gives {self.vae.cfg.bits}-bit tokens" if hasattr(self.vae.cfg, "bits") else "is a VQ-VAE (no bits)"
+            raise ValueError(f"the VAE {gives} but the transformer expects {self.transformer.cfg.bits}-bit tokens: "
+                             "pair the transformer with its own VAE")
         if self.transformer.cfg.text_dim != self.text_encoder.width:
             raise ValueError(f"the text encoder gives {self.text_encoder.width}-wide features but the transformer "
                              f"expects {self.transformer.cfg.text_dim}: pair it with its own text encoder")
@@ -37,14 +40,20 @@ class VARPipeline:
             # A loader that streamed the checkpoint hashed the source tensors as it read them.
             self.base_fingerprint = getattr(base, "source_fingerprint", None) or state_dict_fingerprint(base.state_dict())
 
+    def _check_vq_pair(self) -> None:
+        t, v = self.transformer.cfg, self.vae.cfg
+        if (getattr(v, "vocab_size", None), v.z_channels) != (t.vocab_size, t.code_dim):
+            raise ValueError(f"the transformer draws {t.vocab_size} codes of width {t.code_dim} but the VAE "
+                             f"{'has ' + str(v.vocab_size) + ' codes' if hasattr(v, 'vocab_size') else 'has no codebook'} "
+                             f"of width {v.z_channels}: pair Switti with its VQ-VAE (VQVAE-Switti)")
+
     def fingerprint(self) -> str:
         """Content hash of the transformer's current weights in their dtype (keys caches of its outputs)."""
         return state_dict_fingerprint(self.transformer.state_dict(), exact=True)
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text-encoder features and mask, on the transformer's device."""
-        feats, mask = self.text_encoder.encode(list(prompts))
-        return feats.to(self.transformer.device), mask.to(self.transformer.device)
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """Text-encoder features and mask (and, for Switti, the pooled vector), on the transformer's device."""
+        return tuple(t.to(self.transformer.device) for t in self.text_encoder.encode(list(prompts)))
 
     def condition(self, prompts: list[str]) -> TextCondition:
         return self.transformer.encode_text(*self.encode_prompts(prompts))
@@ -52,6 +61,8 @@ class VARPipeline:
     def default_scales(self, aspect_ratio: str = "1:1", preset: str = "1M") -> list[tuple[int, int]]:
         if self.scales:
             return list(self.scales)
+        if getattr(self.transformer, "token_kind", "bits") == "vq":
+            return list(self.transformer.cfg.scales)       # Switti: square, the schedule it was trained on
         from .schedules import infinity_schedule
         return infinity_schedule(aspect_ratio, preset)
 

@@ -180,6 +180,11 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
     table for ``aspect_ratio`` and ``preset``. ``callback`` runs after every scale and may raise
     (e.g. Cancelled) to stop. ``decode=False``: tokens only (``images`` is empty), no VAE decode.
     """
+    if getattr(pipe.transformer, "token_kind", "bits") == "vq":
+        # 4096-way VQ tokens (Switti): its own guidance and token draws, the same step API.
+        from .sampling_vq import generate_vq
+        return generate_vq(pipe, prompts, seed=seed, settings=settings, scales=scales, aspect_ratio=aspect_ratio,
+                           callback=callback, return_logits=return_logits, decode=decode)
     s = settings or SamplerSettings()
     s.validate()
     prompts = check_prompts_and_seed(prompts, seed)

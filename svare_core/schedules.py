@@ -78,3 +78,18 @@ def reference_grid(scales: Schedule, default: tuple[int, int]) -> tuple[int, int
             if full[: len(scales)] == scales:
                 return full[-1]
     return tuple(default)
+
+
+# Switti's square schedules (side of each scale in tokens, stride 16), keyed by their scale count:
+# the 512 px model has 10 scales (2,240 tokens), the 1024 px model 14 (9,451 tokens).
+SWITTI_SIDES = {10: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), 14: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)}
+SWITTI_RESOLUTIONS = {512: 10, 1024: 14}
+
+
+def switti_schedule(num_scales: int = 14) -> Schedule:
+    """Switti's schedule with ``num_scales`` scales (10: 512 px, 14: 1024 px); other counts: the
+    first ``num_scales`` scales of the 1024 px one (tiny test models)."""
+    sides = SWITTI_SIDES.get(num_scales) or SWITTI_SIDES[14][:num_scales]
+    if len(sides) != num_scales or num_scales < 1:
+        raise ValueError(f"Switti has schedules of 10 (512 px) or 14 (1024 px) scales, not {num_scales}")
+    return [(s, s) for s in sides]

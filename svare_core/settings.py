@@ -16,6 +16,7 @@ from .erasure.config import EraseConfig, with_options
 from .erasure.pairs import PromptPair
 from .pipeline import VARPipeline
 from .sampling import SamplerSettings
+from .sampling_vq import VQSamplerSettings
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,17 @@ INFINITY = Family(
     erase=EraseConfig(steps=500, lr=2.3e-5, teacher_cfg=4.0, aux_samples=1, pairs_per_step=2, trainable="lora",
                       lora_rank=4, precision="bf16", gradient_checkpointing=True))
 
-BUILTIN = {INFINITY.name: INFINITY}
+# The authors' README example for Switti-1024: cfg 6 ramped over the scales, guidance off from scale
+# 11 of 14 with temperature 0.1 after it, top-k 400, top-p 0.95, Gumbel soft codes from scale 2
+# (sampling_vq.VQSamplerSettings). The 512 px model has 10 scales: guidance never switches off
+# (the reference does the same with these arguments). Erasure on Switti is not implemented yet
+# (erase() refuses it); its erase defaults are Infinity's, a placeholder no run reads.
+SWITTI = Family(
+    "switti", "Switti-1024/512 and Switti-AR (yandex-research)",
+    sampler=VQSamplerSettings(),
+    erase=INFINITY.erase)
+
+BUILTIN = {INFINITY.name: INFINITY, SWITTI.name: SWITTI}
 
 
 def family_names() -> list[str]:

@@ -142,9 +142,9 @@ def test_a_svare_file_of_a_registered_architecture_round_trips(toy, tmp_path):
 
 def test_a_svare_file_of_an_architecture_not_registered_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
-    meta = {"format": "svare-var", "transformer_arch": "switti", "transformer_config": json.dumps({"width": 2})}
+    meta = {"format": "svare-var", "transformer_arch": "future-var", "transformer_config": json.dumps({"width": 2})}
     save_file({"transformer.proj.weight": torch.zeros(2, 2)}, str(path), metadata=meta)
-    with pytest.raises(ModelLoadError, match="architecture 'switti', which this pack cannot load"):
+    with pytest.raises(ModelLoadError, match="architecture 'future-var', which this pack cannot load"):
         load_transformer(path)
 
 

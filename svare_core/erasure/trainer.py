@@ -63,6 +63,9 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     ``config`` is used as given; ``svare_core.settings.resolve_erase`` makes one from the model
     family's defaults, the number of concepts and what the user set.
     """
+    if getattr(pipe.transformer, "token_kind", "bits") != "bits":
+        raise ValueError(f"{pipe.name}: erasure on {pipe.family} models (VQ tokens) is not available yet; it "
+                         "samples, and erases on Infinity models only (docs/switti.md)")
     cfg = config or EraseConfig()
     cfg.validate()
     method = method_for(cfg.method)

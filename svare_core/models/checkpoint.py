@@ -67,6 +67,24 @@ class Checkpoint:
                 raise ModelLoadError(f"{file}: ends inside tensor {key}; the file is truncated: download it again")
         return buf.view(meta.dtype).reshape(meta.shape) if nbytes else torch.empty(meta.shape, dtype=meta.dtype)
 
+    def read_element(self, key: str, index: int) -> float:
+        """One value of ``key`` (at ``index`` of its flattened tensor), without reading the rest:
+        enough to tell apart files whose tensors have the same shapes (Switti's mask buffers)."""
+        meta = self.state[key]
+        if not 0 <= index < meta.numel():
+            raise IndexError(f"{key}: index {index} outside its {meta.numel()} values")
+        if key not in self.locations:
+            # by position, not reshape(-1): that would copy a strided (memory-mapped or expanded) tensor
+            return float(meta[tuple(int(i) for i in torch.unravel_index(torch.tensor(index), meta.shape))])
+        file, offset, _ = self.locations[key]
+        size = meta.dtype.itemsize
+        with open(file, "rb") as f:
+            f.seek(offset + index * size)
+            raw = f.read(size)
+        if len(raw) != size:
+            raise ModelLoadError(f"{file}: ends inside tensor {key}; the file is truncated: download it again")
+        return float(torch.frombuffer(bytearray(raw), dtype=meta.dtype)[0])
+
     def release(self, key: str) -> None:
         """Give back the memory-mapped pages of ``key`` once its values are copied (pickles only)."""
         if key not in self.locations:

@@ -62,6 +62,17 @@ def infinity_8b() -> InfinityConfig:
     return InfinityConfig(depth=40, embed_dim=3584, num_heads=28, bits=56, ffn_dim=14336)
 
 
+def init_linear_layers(module: nn.Module, std: float = 0.02) -> None:
+    """A fresh model's weights (loading replaces them): truncated normal linears and embeddings, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -182,13 +193,7 @@ class Infinity(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+        init_linear_layers(self)
         # Residual branches start small so a fresh model is close to the identity.
         for blk in self.blocks:
             nn.init.zeros_(blk.ada_gss)

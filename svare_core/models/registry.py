@@ -36,7 +36,8 @@ __all__ = ["Architecture", "Layout", "ModelInfo", "ModelLoadError", "PARTS", "ar
 # The slots of a pipeline an architecture can fill, and how messages name them.
 PARTS = {"transformer": "transformer", "vae": "VAE"}
 
-BUILTIN = ("svare_core.models.arch_infinity", "svare_core.models.arch_infinity_vae", "svare_core.models.arch_var")
+BUILTIN = ("svare_core.models.arch_infinity", "svare_core.models.arch_infinity_vae", "svare_core.models.arch_switti",
+           "svare_core.models.arch_var")
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,8 @@ def inspect_file(path: str | Path) -> ModelInfo:
     if not arch.supported:
         return ModelInfo(Path(path), arch.name, arch.description, {}, n, False)
     found = layout_of(ckpt, arch.part)
+    # What the module holds: buffers a layout drops (Switti's stored training mask) are not parameters.
+    n = sum(ckpt.state[k].numel() for k in set(found.names.values()) if ckpt.state[k].is_floating_point())
     return ModelInfo(Path(path), arch.name, arch.description, found.config.to_dict(), n, True,
                      [arch.part], {arch.part: arch.name})
 
