@@ -1,4 +1,4 @@
-"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,inspect} ...``
+"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,cache,inspect} ...``
 
 Exit status: 0 done; 2 a problem with the input (one line on stderr naming it and the fix;
 nothing was written); 130 interrupted (Ctrl-C; nothing partial was written); 1 a bug (traceback).
@@ -92,6 +92,23 @@ ERASE_HELP = {"steps": "iterations in all (default: the model family's, times th
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
     for name, typ in ERASE_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=ERASE_HELP.get(name))
+    _add_cache_arg(p)
+    p.add_argument("--no-cache", action="store_true",
+                   help="compute the auxiliary tokens and teacher targets afresh and keep nothing")
+
+
+def _add_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help="where auxiliary tokens and teacher targets are kept between runs "
+                        "(default: $SVARE_CACHE_DIR or ~/.cache/svare/erasure)")
+
+
+def _cache_dir(args) -> Path | None:
+    from .erasure.cache import default_cache_dir
+
+    if getattr(args, "no_cache", False):
+        return None
+    return Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else default_cache_dir()
 
 
 def _load_base(args):
@@ -174,7 +191,9 @@ def _pairs_from_args(args):
 def _erase_config(args, pipe, pairs=()):
     from .settings import resolve_erase
 
-    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")})
+    cache = _cache_dir(args)
+    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")},
+                         cache_dir=None if cache is None else str(cache))
 
 
 def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
@@ -215,6 +234,26 @@ def cmd_erase(args) -> None:
     path = write_or_rescue(result.patch.save, out, "patch")
     print(f"erased {result.patch.concepts} with {cfg.method} in {result.seconds:.0f} s; patch: {path} "
           f"({path.stat().st_size / 1e6:.2f} MB)")
+    _print_cache(cfg)
+
+
+def _print_cache(cfg) -> None:
+    from .erasure import cache
+
+    if cfg.cache_dir is not None:
+        print(f"{cache.describe(cfg.cache_dir)} (python -m svare_core cache --clear empties it)")
+
+
+def cmd_cache(args) -> None:
+    """Where the erasure cache is, how big; --clear empties it."""
+    from .erasure import cache
+
+    folder = _cache_dir(args)
+    if args.clear:
+        files, size = cache.clear(folder)
+        print(f"removed {files} file{'s' if files != 1 else ''} ({size / 1e6:.2f} MB) from {folder}")
+    else:
+        print(cache.describe(folder))
 
 
 def _family(pipe):
@@ -287,9 +326,11 @@ def cmd_demo(args) -> None:
     out = check_folder(args.out, "demo results")
     refuse_existing(output_files(out, args.concept), args.overwrite)
     base = _load(args)
-    print(run_demo(base, _erase_config(args, base), _settings(args, base), _run_erase, concept=args.concept,
+    cfg = _erase_config(args, base)
+    print(run_demo(base, cfg, _settings(args, base), _run_erase, concept=args.concept,
                    anchor=args.anchor, out=args.out, preserve=args.preserve, seeds=args.seeds,
                    grid_seeds=args.grid_seeds, seed=args.seed, started=started))
+    _print_cache(cfg)
 
 
 def main(argv=None) -> None:
@@ -348,6 +389,11 @@ def main(argv=None) -> None:
     v.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept present'")
     v.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
     v.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("cache", help="where the erasure cache (auxiliary tokens, teacher targets) is and its size")
+    _add_cache_arg(c)
+    c.add_argument("--clear", action="store_true", help="remove its entries")
+    c.set_defaults(func=cmd_cache)
 
     i = sub.add_parser("inspect", help="what a model file is, or why it cannot be used")
     i.add_argument("path")
