@@ -11,6 +11,9 @@ Not part of the test suite. Three modes, each one command from the repository ro
   # alternating; then this checkout again with the erasure cache filled by the first run
   python benchmarks/bench_speedup.py erasure --old /tmp/svare_main/svare_core --repeats 3 --threads 2
 
+  # the erasure step's conditional + unconditional forwards: two passes or one batched pass
+  python benchmarks/bench_speedup.py passes --threads 2
+
   # the CPU's matmul throughput (fp32 default BLAS, fp32 through oneDNN, bf16) and the sampler's
   # achieved GFLOP/s as a share of it
   python benchmarks/bench_speedup.py matmul --threads 2
@@ -204,6 +207,42 @@ def matmul(args) -> None:
     print(f"load after: {load_average()}")
 
 
+# -- passes ------------------------------------------------------------------------------------------------------------
+def passes(args) -> None:
+    """The erasure step's conditional + unconditional forwards on the toy model: two passes against one
+    batched pass (B prompts, B unconditional rows), interleaved; and how far the batched logits are from
+    the separate ones (a batch changes the BLAS's blocking, so its roundings)."""
+    import torch
+
+    from svare_core import load_pipeline
+    from svare_core.erasure import expand_concept
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline("toyworld")
+    model, scales = pipe.transformer, pipe.default_scales("1:1", "0.06M")
+    length = sum(h * w for h, w in scales)
+    prompts = [p.unsafe for p in expand_concept("red", "blue", "toy")]
+    print(f"passes (toy model, frozen, no grad), {args.threads} thread(s), load before: {load_average()}")
+    for batch in (1, 2, 8):
+        x = torch.randint(0, 2, (batch, length - 1, model.cfg.bits), generator=torch.Generator().manual_seed(0)).float()
+        with torch.no_grad():
+            feats, mask = pipe.encode_prompts(prompts[:batch])
+            cond = model.encode_text(feats, mask)
+            uncond = model.encode_text(model.uncond_features(mask), mask)
+            both = cond.cat(uncond)
+            xx = torch.cat([x, x])
+            separate = torch.cat([model(cond, x, scales), model(uncond, x, scales)])
+            batched = model(both, xx, scales)
+            times = interleaved({"two": lambda: (model(cond, x, scales), model(uncond, x, scales)),
+                                 "one": lambda: model(both, xx, scales)}, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(json.dumps({"batch": batch, "two_passes_s": round(med["two"], 4), "one_batched_s": round(med["one"], 4),
+                          "two_over_one": round(med["two"] / med["one"], 3),
+                          "bit_identical": bool(torch.equal(separate, batched)),
+                          "max_logit_difference": float((separate - batched).abs().max())}))
+    print(f"load after: {load_average()}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
@@ -224,6 +263,10 @@ def main(argv=None) -> None:
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=matmul)
+    q = sub.add_parser("passes")
+    q.add_argument("--repeats", type=int, default=10)
+    q.add_argument("--threads", type=int, default=1)
+    q.set_defaults(func=passes)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -159,6 +159,10 @@ def cmd_sample(args) -> None:
     targets = [out / f"{args.seed + i:05d}.png" for i in range(len(prompts))]
     refuse_existing(targets, args.overwrite)
     pipe = _load(args)
+    if args.compile:
+        from .kernels import compile_transformer
+
+        compile_transformer(pipe.transformer)
     settings = _settings(args, pipe)
     settings.validate()
     written = 0
@@ -360,6 +364,9 @@ def main(argv=None) -> None:
     s.add_argument("--aspect-ratio", default="1:1")
     s.add_argument("--preset", default="1M", help="Infinity resolution preset (0.06M, 0.25M, 0.60M, 1M)")
     s.add_argument("--out", default="outputs/samples", help="folder for the PNGs (named by seed)")
+    s.add_argument("--compile", action="store_true",
+                   help="run the transformer's blocks through torch.compile (pays on CUDA for many images; "
+                        "falls back to eager blocks, with a warning, where compiling fails)")
     _add_overwrite_arg(s)
     s.set_defaults(func=cmd_sample)
 
