@@ -173,7 +173,8 @@ class EraseSettings:
                                                             "tooltip": "Which projections get LoRA adapters "
                                                                        "(trainable = lora). auto: attn."}),
             "precision": ([AUTO, "fp32", "bf16"], {"default": AUTO,
-                                                  "tooltip": "Training precision (bf16: CUDA autocast). auto: the "
+                                                  "tooltip": "Training precision (bf16: autocast on CUDA and on CPUs with "
+                                                             "bf16 instructions). auto: the "
                                                              "model's (toy fp32, Infinity bf16)."}),
             "gradient_checkpointing": ([AUTO, "on", "off"], {"default": AUTO,
                                                              "tooltip": "Recompute activations in the backward "

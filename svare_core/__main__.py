@@ -82,11 +82,13 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 # ablation benchmark); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
-                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float))
+                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float),
+                 ("precision", str))
 
 
 ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)",
-              "preserve_per_step": "preservation prompts in each preservation step, per concept"}
+              "preserve_per_step": "preservation prompts in each preservation step, per concept",
+              "precision": "fp32, or bf16: matmuls in bf16 (autocast) on CUDA and on CPUs with bf16 instructions"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
