@@ -7,9 +7,12 @@ Not part of the test suite. Three modes, each one command from the repository ro
   mkdir -p /tmp/svare_main && git archive main svare_core | tar -x -C /tmp/svare_main
   python benchmarks/bench_speedup.py sampler --old /tmp/svare_main/svare_core --configs tiny,medium --threads 2
 
-  # erasure on the toy model: `python -m svare_core erase` of the old copy and of this checkout, runs
-  # alternating; then this checkout again with the erasure cache filled by the first run
-  python benchmarks/bench_speedup.py erasure --old /tmp/svare_main/svare_core --repeats 3 --threads 2
+  # erasure on the toy model: erase() of the old copy and of this checkout in one process, runs
+  # alternating; then this checkout twice with an erasure cache (the first run fills it)
+  python benchmarks/bench_speedup.py erasure --old /tmp/svare_main/svare_core --repeats 3 --steps 50 --threads 2
+
+  # where the sampler's time goes (cProfile) in the old copy and here
+  python benchmarks/bench_speedup.py profile --old /tmp/svare_main/svare_core --config medium
 
   # the erasure step's conditional + unconditional forwards: two passes or one batched pass
   python benchmarks/bench_speedup.py passes --threads 2
@@ -26,9 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +53,15 @@ def load_core_copy(path: str, name: str = "svare_old"):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    # Its built-in plug-ins (the toy model) and architectures by its own name, not this checkout's;
+    # no installed ones.
+    for registry in ("plugins", "models.registry"):
+        reg = importlib.import_module(f"{name}.{registry}")
+        reg.BUILTIN = tuple(m.replace("svare_core", name, 1) for m in reg.BUILTIN)
+        if hasattr(reg, "ENTRY_POINT_GROUP"):
+            reg.ENTRY_POINT_GROUP = f"{name}.none"
+    for sub in ("erasure", "erasure.pairs", "settings", "models.infinity", "models.vae", "pipeline", "sampling"):
+        importlib.import_module(f"{name}.{sub}")
     return module
 
 
@@ -131,48 +141,88 @@ def _cast(model, dtype):
     return copy.deepcopy(model).to(dtype)
 
 
+# -- profile ------------------------------------------------------------------------------------------------------------
+WATCHED = ("_project_kv", "text_kv", "apply_rope", "extend", "of")
+
+
+def profile(args) -> None:
+    """Where the sampler's time goes (cProfile, medium config): the share of the work issue 17 removes or
+    moves (text K/V projections, RoPE, KV-cache growth) in the old copy and in this checkout."""
+    import cProfile
+    import pstats
+
+    import torch
+    from bench_sampling import CFG, TAU, _our_pipeline
+
+    from svare_core.sampling import SamplerSettings, generate
+
+    torch.set_num_threads(args.threads)
+    old = load_core_copy(args.old)
+    pipe, scales, prompts = _our_pipeline({"config": args.config, "device": "cpu", "batch": 1})
+    old_pipe = _old_pipeline(old, pipe)
+    calls = {"new": lambda: generate(pipe, prompts, seed=0, settings=SamplerSettings(cfg=CFG, tau=TAU), scales=scales),
+             "old": lambda: old.sampling.generate(old_pipe, prompts, seed=0,
+                                                  settings=old.sampling.SamplerSettings(cfg=CFG, tau=TAU), scales=scales)}
+    print(f"profile ({args.config}, {args.threads} thread(s), {args.repeats} calls), load before: {load_average()}")
+    for key, fn in calls.items():
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.repeats):
+            fn()
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        total = sum(tt for (_, _, _), (_, _, tt, _, _) in stats.items())
+        shares = {}
+        for (file, _, func), (_, _, _, ct, _) in stats.items():
+            if func in WATCHED and file.endswith("attention.py"):
+                shares[func] = shares.get(func, 0.0) + ct
+        print(json.dumps({"copy": key, "total_s": round(total, 3),
+                          "share": {k: round(v / total, 4) for k, v in sorted(shares.items())}}))
+    print(f"load after: {load_average()}")
+
+
 # -- erasure --------------------------------------------------------------------------------------------------------
-def _erase_cmd(core_parent: Path, out: Path, extra: list[str]) -> tuple[list[str], dict]:
-    cmd = [sys.executable, "-m", "svare_core", "erase", "--model", "toyworld", "--kind", "toy", "--concept", "red",
-           "--anchor", "blue", "--out", str(out), "--overwrite", *extra]
-    env = {**os.environ, "PYTHONPATH": str(core_parent), "HF_HUB_OFFLINE": "1"}
-    return cmd, env
+def _toy_erase(core, steps: int | None, cache_dir: str | None = None):
+    """One toy erasure (red -> blue, the toy model's settings) with a copy of svare_core; returns its patch."""
+    pipe = core.load_pipeline("toyworld")
+    assert type(pipe.transformer).__module__.startswith(core.__name__), "the copies mixed"
+    pairs = core.erasure.expand_concept("red", "blue", "toy")
+    preserve_prompts_for = core.erasure.pairs.preserve_prompts_for
+    options = {"steps": steps} if steps else {}
+    if cache_dir:
+        options["cache_dir"] = cache_dir
+    cfg = core.settings.resolve_erase(pipe, pairs, **options)
+    return lambda: core.erasure.erase(pipe, pairs, cfg, preserve_prompts=preserve_prompts_for(pairs, "toy")).patch
 
 
 def erasure(args) -> None:
-    from safetensors.torch import load_file
+    import torch
 
-    work = Path(tempfile.mkdtemp(prefix="svare_bench_speedup_"))
-    old_parent = work / "old"
-    old_parent.mkdir()
-    (old_parent / "svare_core").symlink_to(Path(args.old).resolve())
-    threads = {"OMP_NUM_THREADS": str(args.threads)}
-    steps = ["--steps", str(args.steps)] if args.steps else []
-    cache = work / "cache"
-    jobs = {"old": _erase_cmd(old_parent, work / "old.safetensors", steps),
-            "new": _erase_cmd(ROOT, work / "new.safetensors", [*steps, "--no-cache"])}
-    print(f"erasure (toy, red -> blue), {args.threads} thread(s), {args.repeats} interleaved runs each, "
-          f"load before: {load_average()}")
-    times = {k: [] for k in jobs}
+    import svare_core
+
+    torch.set_num_threads(args.threads)
+    old = load_core_copy(args.old)
+    runs = {"old": _toy_erase(old, args.steps), "new": _toy_erase(svare_core, args.steps)}
+    print(f"erasure (toy, red -> blue, in one process), {args.threads} thread(s), {args.repeats} interleaved runs "
+          f"each, load before: {load_average()}", flush=True)
+    patches = {k: fn() for k, fn in runs.items()}
+    same = all(torch.equal(patches["old"].tensors[k], patches["new"].tensors[k]) for k in patches["old"].tensors)
+    times = {k: [] for k in runs}
     for r in range(args.repeats):
         for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            cmd, env = jobs[k]
-            t = _timed(lambda: subprocess.run(cmd, env={**env, **threads}, cwd=str(work), check=True,
-                                              capture_output=True))
-            times[k].append(t)
-            print(f"  {k}: {t:.1f} s", flush=True)
-    a, b = load_file(str(work / "old.safetensors")), load_file(str(work / "new.safetensors"))
-    same = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
-    cached = []
-    for i in range(2):      # the first fills the cache, the second reads it
-        cmd, env = _erase_cmd(ROOT, work / "cached.safetensors", [*steps, "--cache-dir", str(cache)])
-        cached.append(_timed(lambda: subprocess.run(cmd, env={**env, **threads}, cwd=str(work), check=True,
-                                                    capture_output=True)))
-    c = load_file(str(work / "cached.safetensors"))
-    same_cached = all(bool((b[k] == c[k]).all()) for k in b)
+            times[k].append(_timed(runs[k]))
+            print(f"  {k}: {times[k][-1]:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        cached = _toy_erase(svare_core, args.steps, cache)
+        fill = _timed(cached)
+        t0 = time.perf_counter()
+        hit_patch = cached()
+        hit = time.perf_counter() - t0
+    same_cached = all(torch.equal(hit_patch.tensors[k], patches["new"].tensors[k]) for k in hit_patch.tensors)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({"median_s": med, "old_over_new": med["old"] / med["new"], "same_patch": same,
-                      "cache_fill_s": round(cached[0], 1), "cache_hit_s": round(cached[1], 1),
+    print(json.dumps({"median_s": {k: round(v, 2) for k, v in med.items()}, "old_over_new": round(med["old"] / med["new"], 3),
+                      "same_patch": same, "cache_fill_s": round(fill, 1), "cache_hit_s": round(hit, 1),
                       "cache_hit_same_patch": same_cached}))
     print(f"load after: {load_average()}")
 
@@ -195,6 +245,7 @@ def matmul(args) -> None:
     settings = SamplerSettings(cfg=CFG, tau=TAU)
     for dtype, key in ((torch.float32, "fp32_blas"), (torch.bfloat16, "bf16")):
         p = pipe if dtype == torch.float32 else pipe.with_transformer(_cast(pipe.transformer, dtype))
+        p.transformer.requires_grad_(False)       # the FLOP counter's module hooks trip over no_grad parameters
         run = lambda p=p: generate(p, prompts, seed=0, settings=settings, scales=scales, decode=False)  # noqa: E731
         with FlopCounterMode(display=False) as counter:
             run()
@@ -263,6 +314,12 @@ def main(argv=None) -> None:
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=matmul)
+    f = sub.add_parser("profile")
+    f.add_argument("--old", required=True, help="another copy of the svare_core folder to compare with")
+    f.add_argument("--config", default="medium")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--threads", type=int, default=1)
+    f.set_defaults(func=profile)
     q = sub.add_parser("passes")
     q.add_argument("--repeats", type=int, default=10)
     q.add_argument("--threads", type=int, default=1)
