@@ -5,7 +5,8 @@ same name.
 """
 from . import comfy_adapter
 from .compare import CompareModels
-from .erasure import ApplyErasurePatch, EraseConcept, EraseSettings, LoadErasurePatch, SaveErasurePatch
+from .erasure import (ApplyErasurePatch, EraseConcept, EraseSettings, ErasureCache, LoadErasurePatch,
+                      SaveErasurePatch)
 from .loaders import LoadVAR
 from .safety import SafetyScore
 from .sampler import VARSampler
@@ -19,6 +20,7 @@ _NODES = {
     "SvareVARSampler": (VARSampler, "VAR Sampler: Infinity (svare)"),
     "SvareEraseConcept": (EraseConcept, "Erase Concept (svare)"),
     "SvareEraseSettings": (EraseSettings, "Erase Settings (svare)"),
+    "SvareErasureCache": (ErasureCache, "Erasure Cache (svare)"),
     "SvareApplyErasurePatch": (ApplyErasurePatch, "Apply Erasure Patch (svare)"),
     "SvareSaveErasurePatch": (SaveErasurePatch, "Save Erasure Patch (svare)"),
     "SvareLoadErasurePatch": (LoadErasurePatch, "Load Erasure Patch (svare)"),

@@ -5,6 +5,7 @@ import re
 
 from svare_core import visual
 from svare_core.erasure import METHODS, ErasurePatch, apply_patch, build_pairs, erase
+from svare_core.erasure import cache as erasure_cache
 from svare_core.erasure.pairs import pair_kinds, preserve_prompts_for
 from svare_core.erasure.trainable import LORA_TARGETS
 from svare_core.settings import family_of, resolve_erase
@@ -98,7 +99,8 @@ class EraseConcept:
         config = resolve_erase(model, prompt_pairs, method=method, steps=steps or None, lr=learning_rate or None,
                                trainable=None if trainable == AUTO else trainable, lora_rank=lora_rank or None,
                                preservation_weight=None if preservation_weight < 0 else preservation_weight,
-                               teacher_cfg=teacher_cfg or None, seed=core_seed(seed), **(settings or {}))
+                               teacher_cfg=teacher_cfg or None, seed=core_seed(seed),
+                               cache_dir=str(erasure_cache.default_cache_dir()), **(settings or {}))
         steps = config.steps
         bar, history, every = comfy.progress(steps), [], max(1, steps // 25)
         targets_bar = comfy.progress(1)
@@ -121,7 +123,8 @@ class EraseConcept:
                        callback=on_step, targets_callback=on_targets)
         last = ", ".join(f"{k} {v:.4g}" for k, v in result.history[-1].items() if k != "step") if result.history else ""
         report = (f"{describe(result.patch)}\nfinal losses: {last}\n{result.seconds:.1f} s"
-                  + (f", peak GPU memory {result.peak_memory_mb:.0f} MB" if result.peak_memory_mb else ""))
+                  + (f", peak GPU memory {result.peak_memory_mb:.0f} MB" if result.peak_memory_mb else "")
+                  + f"\n{erasure_cache.describe(config.cache_dir)} (Erasure Cache node: clear)")
         return (result.patch, visual.to_comfy_image(visual.loss_curve(result.history)), report)
 
 
@@ -170,7 +173,8 @@ class EraseSettings:
                                                             "tooltip": "Which projections get LoRA adapters "
                                                                        "(trainable = lora). auto: attn."}),
             "precision": ([AUTO, "fp32", "bf16"], {"default": AUTO,
-                                                  "tooltip": "Training precision (bf16: CUDA autocast). auto: the "
+                                                  "tooltip": "Training precision (bf16: autocast on CUDA and on CPUs with "
+                                                             "bf16 instructions). auto: the "
                                                              "model's (toy fp32, Infinity bf16)."}),
             "gradient_checkpointing": ([AUTO, "on", "off"], {"default": AUTO,
                                                              "tooltip": "Recompute activations in the backward "
@@ -188,6 +192,39 @@ class EraseSettings:
                   "precision": None if precision == AUTO else precision,
                   "gradient_checkpointing": None if gradient_checkpointing == AUTO else gradient_checkpointing == "on"}
         return ({k: v for k, v in chosen.items() if v is not None},)
+
+
+class ErasureCache:
+    DESCRIPTION = ("Where Erase Concept keeps the auxiliary tokens and teacher targets it computed (so a second "
+                   "run with the same model, prompts and settings skips that phase), how big, and a switch to "
+                   "empty it.")
+    CATEGORY = "svare/erasure"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("info",)
+    OUTPUT_TOOLTIPS = ("The cache folder, its files and size (after clearing, when clear is on).",)
+    FUNCTION = "show"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clear": ("BOOLEAN", {"default": False, "tooltip": "Remove every cache entry (they are recomputed "
+                                  "when needed)."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, clear):
+        return float("nan")           # the folder changes outside the graph: look again at every run
+
+    def show(self, clear):
+        folder = erasure_cache.default_cache_dir()
+        lines = []
+        if clear:
+            files, size = erasure_cache.clear(folder)
+            lines.append(f"removed {files} file{'s' if files != 1 else ''} ({size / 1e6:.2f} MB)")
+        lines.append(erasure_cache.describe(folder))
+        text = "\n".join(lines)
+        return {"ui": {"text": [text]}, "result": (text,)}
 
 
 class ApplyErasurePatch:

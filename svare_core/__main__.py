@@ -1,4 +1,4 @@
-"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,inspect} ...``
+"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,cache,inspect} ...``
 
 Exit status: 0 done; 2 a problem with the input (one line on stderr naming it and the fix;
 nothing was written); 130 interrupted (Ctrl-C; nothing partial was written); 1 a bug (traceback).
@@ -82,16 +82,35 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 # ablation benchmark); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
-                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float))
+                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float),
+                 ("precision", str))
 
 
 ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)",
-              "preserve_per_step": "preservation prompts in each preservation step, per concept"}
+              "preserve_per_step": "preservation prompts in each preservation step, per concept",
+              "precision": "fp32, or bf16: matmuls in bf16 (autocast) on CUDA and on CPUs with bf16 instructions"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
     for name, typ in ERASE_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=ERASE_HELP.get(name))
+    _add_cache_arg(p)
+    p.add_argument("--no-cache", action="store_true",
+                   help="compute the auxiliary tokens and teacher targets afresh and keep nothing")
+
+
+def _add_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help="where auxiliary tokens and teacher targets are kept between runs "
+                        "(default: $SVARE_CACHE_DIR or ~/.cache/svare/erasure)")
+
+
+def _cache_dir(args) -> Path | None:
+    from .erasure.cache import default_cache_dir
+
+    if getattr(args, "no_cache", False):
+        return None
+    return Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else default_cache_dir()
 
 
 def _load_base(args):
@@ -142,6 +161,10 @@ def cmd_sample(args) -> None:
     targets = [out / f"{args.seed + i:05d}.png" for i in range(len(prompts))]
     refuse_existing(targets, args.overwrite)
     pipe = _load(args)
+    if args.compile:
+        from .kernels import compile_transformer
+
+        compile_transformer(pipe.transformer)
     settings = _settings(args, pipe)
     settings.validate()
     written = 0
@@ -174,7 +197,9 @@ def _pairs_from_args(args):
 def _erase_config(args, pipe, pairs=()):
     from .settings import resolve_erase
 
-    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")})
+    cache = _cache_dir(args)
+    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")},
+                         cache_dir=None if cache is None else str(cache))
 
 
 def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):
@@ -215,6 +240,26 @@ def cmd_erase(args) -> None:
     path = write_or_rescue(result.patch.save, out, "patch")
     print(f"erased {result.patch.concepts} with {cfg.method} in {result.seconds:.0f} s; patch: {path} "
           f"({path.stat().st_size / 1e6:.2f} MB)")
+    _print_cache(cfg)
+
+
+def _print_cache(cfg) -> None:
+    from .erasure import cache
+
+    if cfg.cache_dir is not None:
+        print(f"{cache.describe(cfg.cache_dir)} (python -m svare_core cache --clear empties it)")
+
+
+def cmd_cache(args) -> None:
+    """Where the erasure cache is, how big; --clear empties it."""
+    from .erasure import cache
+
+    folder = _cache_dir(args)
+    if args.clear:
+        files, size = cache.clear(folder)
+        print(f"removed {files} file{'s' if files != 1 else ''} ({size / 1e6:.2f} MB) from {folder}")
+    else:
+        print(cache.describe(folder))
 
 
 def _family(pipe):
@@ -287,9 +332,11 @@ def cmd_demo(args) -> None:
     out = check_folder(args.out, "demo results")
     refuse_existing(output_files(out, args.concept), args.overwrite)
     base = _load(args)
-    print(run_demo(base, _erase_config(args, base), _settings(args, base), _run_erase, concept=args.concept,
+    cfg = _erase_config(args, base)
+    print(run_demo(base, cfg, _settings(args, base), _run_erase, concept=args.concept,
                    anchor=args.anchor, out=args.out, preserve=args.preserve, seeds=args.seeds,
                    grid_seeds=args.grid_seeds, seed=args.seed, started=started))
+    _print_cache(cfg)
 
 
 def main(argv=None) -> None:
@@ -319,6 +366,9 @@ def main(argv=None) -> None:
     s.add_argument("--aspect-ratio", default="1:1")
     s.add_argument("--preset", default="1M", help="Infinity resolution preset (0.06M, 0.25M, 0.60M, 1M)")
     s.add_argument("--out", default="outputs/samples", help="folder for the PNGs (named by seed)")
+    s.add_argument("--compile", action="store_true",
+                   help="run the transformer's blocks through torch.compile (pays on CUDA for many images; "
+                        "falls back to eager blocks, with a warning, where compiling fails)")
     _add_overwrite_arg(s)
     s.set_defaults(func=cmd_sample)
 
@@ -348,6 +398,11 @@ def main(argv=None) -> None:
     v.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept present'")
     v.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
     v.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("cache", help="where the erasure cache (auxiliary tokens, teacher targets) is and its size")
+    _add_cache_arg(c)
+    c.add_argument("--clear", action="store_true", help="remove its entries")
+    c.set_defaults(func=cmd_cache)
 
     i = sub.add_parser("inspect", help="what a model file is, or why it cannot be used")
     i.add_argument("path")

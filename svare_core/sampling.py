@@ -115,6 +115,17 @@ def check_prompts_and_seed(prompts: Sequence[str], seed: int) -> list[str]:
     return prompts
 
 
+def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
+    """One valid seed per image."""
+    seeds = list(seeds)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts: give one seed per prompt")
+    bad = next((sd for sd in seeds if not (isinstance(sd, int) and not isinstance(sd, bool) and 0 <= sd < MAX_SEED)), None)
+    if bad is not None:
+        raise ValueError(f"seed must be a whole number in [0, {MAX_SEED - 1}], got {bad!r}")
+    return seeds
+
+
 @dataclass
 class ScaleStep:
     """What a callback sees after each scale."""
@@ -173,8 +184,9 @@ def _sampling_estimate(pipe, prompts, *, settings=None, scales=None, aspect_rati
 def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, settings: SamplerSettings | None = None,
              scales=None, aspect_ratio: str = "1:1", preset: str = "1M",
              callback: Callable[[ScaleStep], None] | None = None, return_logits: bool = False,
-             decode: bool = True) -> SampleResult:
-    """Draw one image per prompt. Image ``i`` uses the seed ``seed + i``.
+             decode: bool = True, seeds: Sequence[int] | None = None) -> SampleResult:
+    """Draw one image per prompt. Image ``i`` uses the seed ``seed + i``, or ``seeds[i]`` when given
+    (one per prompt: images of different prompts and seeds drawn in one batch).
 
     ``scales`` overrides the schedule; otherwise the model's own (small models) or Infinity's
     table for ``aspect_ratio`` and ``preset``. ``callback`` runs after every scale and may raise
@@ -188,6 +200,7 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
     s = settings or SamplerSettings()
     s.validate()
     prompts = check_prompts_and_seed(prompts, seed)
+    seeds = [seed + i for i in range(len(prompts))] if seeds is None else check_seeds(seeds, len(prompts))
     model: NextScaleModel = pipe.transformer
     scales = [tuple(g) for g in (scales or pipe.default_scales(aspect_ratio, preset))]
     n, B, d = len(scales), len(prompts), model.cfg.bits
@@ -205,7 +218,7 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
             nf, nm = model.uncond_features(mask), mask
         cond = cond.cat(model.encode_text(nf, nm))
 
-    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(B)]
+    gens = [torch.Generator(device="cpu").manual_seed(sd) for sd in seeds]
     state = model.begin(cond, scales)
     patch = pipe.vae.cfg.patch_size
     H, W = scales[-1]
@@ -233,4 +246,4 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
             x = torch.cat([nxt, nxt]) if guided else nxt
     images = _decode_images(pipe, summed) if decode else torch.empty(B, 0, 0, 3)
     return SampleResult(images, [b.cpu() for b in all_bits], summed.cpu(), scales,
-                        [seed + i for i in range(B)], all_logits if return_logits else None)
+                        seeds, all_logits if return_logits else None)

@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLI, the demo and the nodes keep an erasure cache by default: tests keep theirs in a folder of
+# their own, never in the user's ~/.cache.
+os.environ["SVARE_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="svare_test_cache_")
 
 import pytest
 import torch

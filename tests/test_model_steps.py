@@ -72,7 +72,7 @@ def test_state_advances_and_caches_grow(tiny_pipeline):
     for i, (h, w) in enumerate(TINY_SCALES):
         logits = model.step(state, x)
         assert logits.shape == (1, h * w, model.cfg.bits, 2) and logits.dtype == torch.float32
-        assert state.index == i + 1 and all(c.k.shape[2] == state.offset for c in state.caches)
+        assert state.index == i + 1 and all(c.length == state.offset for c in state.caches)
         if i + 1 < len(TINY_SCALES):
             nh, nw = TINY_SCALES[i + 1]
             x = model.embed_input(torch.zeros(1, nh * nw, model.cfg.bits))

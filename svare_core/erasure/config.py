@@ -44,7 +44,7 @@ class EraseConfig:
     token_error_rate: float = 0.25        # S-VARE's filter: tokens with fewer wrong bits do not learn
     aux_samples: int = 1                  # auxiliary images per safe prompt
     seed: int = 0
-    precision: str = "fp32"               # fp32 | bf16 (CUDA autocast)
+    precision: str = "fp32"               # fp32 | bf16 (autocast on CUDA and on CPUs with bf16 instructions)
     gradient_checkpointing: bool = False
     cache_dir: str | None = None          # auxiliary-token cache
     research: Research = field(default_factory=Research)

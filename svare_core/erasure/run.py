@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels
 from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 from . import losses
@@ -48,7 +49,7 @@ class ErasureRun:
         the sampler draws from (the unconditional pass is the student's own, without gradient)."""
         feats, mask = self.pipe.encode_prompts(prompts)
         student, cfg = self.student, self.cfg
-        enabled = cfg.precision == "bf16" and self.device.type == "cuda"
+        enabled = cfg.precision == "bf16" and (self.device.type == "cuda" or kernels.cpu_bf16_native())
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled):
             cond = student(student.encode_text(feats, mask), x, self.scales, checkpointing=cfg.gradient_checkpointing)
             if guidance == 1.0:

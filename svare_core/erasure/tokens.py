@@ -58,36 +58,58 @@ def _read_cached(path: Path | None, length: int, bits: int) -> torch.Tensor | No
 
 def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
                      scales, cache_dir: str | Path | None = None, fingerprint: str | None = None,
-                     callback: Callable[[int, int], None] | None = None) -> dict[str, AuxTokens]:
+                     callback: Callable[[int, int], None] | None = None,
+                     batch_size: int = 8) -> dict[str, AuxTokens]:
     """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model.
 
-    ``callback(done, total)`` runs after every scale of every image (``done`` counts finished
+    Images not in the cache are drawn ``batch_size`` at a time (tokens only, no VAE decode); each
+    keeps its own seed, so its bits are those of drawing it alone (tests/test_compute_reuse.py).
+    ``callback(done, total)`` runs after every scale of every batch (``done`` counts finished
     images) and may raise to cancel: on a real model one image takes seconds to minutes.
     """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     fingerprint = fingerprint or pipe.fingerprint()
     patch = pipe.vae.cfg.patch_size
-    out: dict[str, AuxTokens] = {}
     unique = list(dict.fromkeys(prompts))
-    total, done = len(unique) * len(seeds), 0
-    on_scale = (lambda step: callback(done, total)) if callback is not None else None
+    length, bits = sum(h * w for h, w in scales), pipe.transformer.cfg.bits
+    rows: dict[tuple[str, int], torch.Tensor] = {}
+    paths: dict[tuple[str, int], Path | None] = {}
     for prompt in unique:
-        rows = []
         for seed in seeds:
             key = _cache_key(fingerprint, prompt, seed, settings, scales)
-            path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
-            cached = _read_cached(path, sum(h * w for h, w in scales), pipe.transformer.cfg.bits)
-            if cached is None:
-                res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False,
-                               callback=on_scale)
-                cached = torch.cat(res.bits, dim=1)
-                if path is not None:
-                    atomic_save_safetensors({"bits": cached.to(torch.uint8)}, path, {"prompt": prompt, "seed": str(seed)})
-            rows.append(cached.float())
-            done += 1
-            if callback is not None:
-                callback(done, total)
-        bits = torch.cat(rows)
-        per_scale = list(torch.split(bits, [h * w for h, w in scales], dim=1))
+            paths[prompt, seed] = path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
+            cached = _read_cached(path, length, bits)
+            if cached is not None:
+                rows[prompt, seed] = cached
+    total = len(paths)
+    done = len(rows)
+    if callback is not None and done:
+        callback(done, total)
+    missing = [k for k in paths if k not in rows]
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start:start + batch_size]
+        # Each prompt encoded alone first, as when every image was drawn by itself: the text encoder's
+        # cache then holds those features, not ones carrying the rounding of a batch of prompts.
+        for prompt in dict.fromkeys(p for p, _ in chunk):
+            pipe.encode_prompts([prompt])
+        on_scale = (lambda step: callback(done, total)) if callback is not None else None
+        res = generate(pipe, [p for p, _ in chunk], seeds=[s for _, s in chunk], settings=settings, scales=scales,
+                       decode=False, callback=on_scale)
+        drawn = torch.cat(res.bits, dim=1)
+        for i, (prompt, seed) in enumerate(chunk):
+            row = drawn[i:i + 1]
+            if paths[prompt, seed] is not None:
+                atomic_save_safetensors({"bits": row.to(torch.uint8)}, paths[prompt, seed],
+                                        {"prompt": prompt, "seed": str(seed)})
+            rows[prompt, seed] = row
+        done += len(chunk)
+        if callback is not None:
+            callback(done, total)
+    out: dict[str, AuxTokens] = {}
+    for prompt in unique:
+        prompt_bits = torch.cat([rows[prompt, seed].float() for seed in seeds])
+        per_scale = list(torch.split(prompt_bits, [h * w for h, w in scales], dim=1))
         inputs, _ = teacher_forcing_inputs(per_scale, scales, patch)
-        out[prompt] = AuxTokens(bits, inputs)
+        out[prompt] = AuxTokens(prompt_bits, inputs)
     return out

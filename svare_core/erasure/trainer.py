@@ -17,6 +17,7 @@ from .. import memory
 from ..models.infinity import Infinity
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings
+from . import cache as erasure_cache
 from .config import EraseConfig
 from .methods import method_for
 from .pairs import PromptPair, validate_pairs
@@ -86,15 +87,17 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
                          generator=torch.Generator().manual_seed(cfg.seed))
         r = cfg.research
         aux_settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
+        fingerprint = pipe.fingerprint()
         run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=[cfg.seed + i for i in range(cfg.aux_samples)],
                                    settings=aux_settings, scales=scales, cache_dir=cfg.cache_dir,
-                                   fingerprint=pipe.fingerprint(), callback=targets_callback)
+                                   fingerprint=fingerprint, callback=targets_callback,
+                                   batch_size=aux_batch_size(pipe, cfg, scales))
         run.params, lora = _trainable(student, cfg)
         decay = [p for p in run.params.values() if p.dim() >= 2]
         no_decay = [p for p in run.params.values() if p.dim() < 2]
         run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=r.betas)
-        run.teacher = method.teacher_targets(run)
+        run.teacher = _teacher_targets(run, method, fingerprint)
 
         history, bad = [], 0
         order = torch.randperm(len(pairs), generator=run.generator).tolist()
@@ -146,6 +149,30 @@ def _student_copy(frozen: Infinity, cfg: EraseConfig) -> Infinity:
     student.load_state_dict(state, assign=True)
     # Train mode: the model has no dropout, but Infinity.forward only checkpoints in training mode.
     return student.requires_grad_(False).train()
+
+
+def aux_batch_size(pipe: VARPipeline, cfg: EraseConfig, scales, most: int = 8) -> int:
+    """How many auxiliary images to draw at a time: as many (up to ``most``) as fit in the working
+    memory the erasure run is already given (memory.erasure_bytes)."""
+    budget = memory.erasure_bytes(pipe, cfg, scales)
+    return max([b for b in range(1, most + 1) if memory.sampling_bytes(pipe, b, scales, decode=False) <= budget],
+               default=1)
+
+
+def _teacher_targets(run: ErasureRun, method, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The method's teacher targets, read from the run's cache folder when an earlier run with the same
+    inputs left them there (else computed, and written there)."""
+    folder = run.cfg.cache_dir
+    if folder is None:
+        return method.teacher_targets(run)
+    key = erasure_cache.targets_key(run, method.name, fingerprint, erasure_cache.aux_key(run.aux))
+    cached = erasure_cache.read_targets(folder, key)
+    if cached is not None:
+        return cached
+    targets = method.teacher_targets(run)
+    if targets:
+        erasure_cache.write_targets(folder, key, targets)
+    return targets
 
 
 def _finite(params: dict[str, torch.Tensor]) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,16 +12,37 @@ _MAX_SCALE_MUL = math.log(100.0)
 
 
 class KVCache:
-    """Keys and values of earlier scales for one block during next-scale sampling."""
+    """What one block keeps during a next-scale decode: the keys and values of the earlier scales,
+    and its cross-attention's keys and values of the text (the same at every scale).
 
-    def __init__(self) -> None:
+    With ``capacity`` (the decode's total tokens) the keys and values go into buffers allocated at
+    the first scale, and each scale attends to a view of their filled part: no copy of the whole
+    cache per scale, as growing it by concatenation costs. Without, it grows by concatenation.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.length = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.text_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        """Append this scale's keys and values (B, H, n, c); returns those of every scale so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        else:
+            if end > self.capacity:
+                raise ValueError(f"the KV cache holds {self.capacity} tokens; {end} do not fit")
+            if self.k is None:
+                self.k = k.new_empty(*k.shape[:2], self.capacity, k.shape[3])
+                self.v = v.new_empty(*v.shape[:2], self.capacity, v.shape[3])
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class SelfAttention(nn.Module):
@@ -65,11 +87,16 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, text):
-        """``text``: a TextCondition (kv (B, Lt, kv_dim), mask (B, Lt))."""
+    def text_kv(self, text) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, Lt, c) of ``text`` (a TextCondition); a decode computes them once."""
+        return _project_kv(self.mat_kv.weight, self.zero_k_bias, self.v_bias, text.kv, self.num_heads)
+
+    def forward(self, x, text, text_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``text``: a TextCondition (kv (B, Lt, kv_dim), mask (B, Lt)); ``text_kv``: its ``text_kv``
+        if already computed."""
         B, L, C = x.shape
         q = self.mat_q(x).view(B, L, self.num_heads, -1).transpose(1, 2)
-        k, v = _project_kv(self.mat_kv.weight, self.zero_k_bias, self.v_bias, text.kv, self.num_heads)
+        k, v = text_kv if text_kv is not None else self.text_kv(text)
         mask = text.mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
@@ -134,9 +161,30 @@ def rope_table(scales, head_dim: int, grid: tuple[int, int], theta: float = 1000
     return torch.cat(angles).float().to(device)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of x (B, H, L, c) by ``angles`` (L, c/2)."""
-    cos, sin = angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+@dataclass(frozen=True)
+class Rotation:
+    """cos and sin (L, c/2) of a rope table's angles: computed once per call of the model, not in
+    every block for queries and keys."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def of(cls, angles: torch.Tensor) -> "Rotation":
+        return cls(angles.cos().to(torch.float32), angles.sin().to(torch.float32))
+
+    def rows(self, start: int, end: int) -> "Rotation":
+        """The rotation of tokens ``start..end-1``."""
+        return Rotation(self.cos[start:end], self.sin[start:end])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.cos.shape
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor | Rotation) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x (B, H, L, c) by ``rope``: angles (L, c/2) or their Rotation."""
+    rot = rope if isinstance(rope, Rotation) else Rotation.of(rope)
+    cos, sin = rot.cos, rot.sin
     pairs = x.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)

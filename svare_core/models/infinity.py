@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schedules import reference_grid
-from .attention import CrossAttention, KVCache, SelfAttention, TextAttentivePool, rope_table
+from .attention import CrossAttention, KVCache, Rotation, SelfAttention, TextAttentivePool, rope_table
 
 
 @dataclass
@@ -108,11 +108,17 @@ class Block(nn.Module):
         self.ffn = FFN(C, cfg.ffn_dim)
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
 
-    def forward(self, x, ada, text_kv, rope, attn_mask=None, kv_cache=None):
+    def forward(self, x, ada, text, rope, attn_mask=None, kv_cache=None):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + ada).unbind(2)
         ln = lambda t: F.layer_norm(t, t.shape[-1:], eps=self.eps)  # noqa: E731
         x = x + self.sa(ln(x) * (1 + scale1) + shift1, rope, attn_mask, kv_cache) * gamma1
-        x = x + self.ca(self.ca_norm(x), text_kv)
+        text_kv = None
+        if kv_cache is not None:
+            # The text is the same at every scale of a decode: its keys and values are projected once.
+            if kv_cache.text_kv is None:
+                kv_cache.text_kv = self.ca.text_kv(text)
+            text_kv = kv_cache.text_kv
+        x = x + self.ca(self.ca_norm(x), text, text_kv)
         x = x + self.ffn(ln(x) * (1 + scale2) + shift2) * gamma2
         return x
 
@@ -161,7 +167,7 @@ class DecodeState:
     cond: TextCondition
     scales: list[tuple[int, int]]
     ada: torch.Tensor             # (rows, 1, 6, C): shared AdaLN condition of every block
-    rope: torch.Tensor            # (L, head_dim // 2): rotation angles of every token of every scale
+    rope: Rotation                # (L, head_dim // 2): rotation of every token of every scale
     caches: list[KVCache]         # one per block
     index: int = 0                # the scale the next step runs
     offset: int = 0               # tokens of the scales already run
@@ -190,6 +196,7 @@ class Infinity(nn.Module):
         self.block_chunks = nn.ModuleList(BlockChunk(cfg, per_chunk) for _ in range(cfg.num_block_chunks))
         self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, 2 * cfg.bits)
+        self._rope_cache: dict[tuple, Rotation] = {}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -233,9 +240,18 @@ class Infinity(nn.Module):
         return torch.where(drop.view(-1, 1, 1), un, features)
 
     # -- forward ------------------------------------------------------------------------------
-    def rope_for(self, scales) -> torch.Tensor:
-        grid = reference_grid(scales, self.cfg.rope_grid)
-        return rope_table(scales, self.cfg.head_dim, grid, self.cfg.rope_theta, self.device)
+    def rope_for(self, scales) -> Rotation:
+        """The rotation of every token of ``scales``; the last few schedules' are kept (a training
+        run or a sampling session asks for the same one at every call)."""
+        # Tensors made under inference mode cannot be saved for backward: kept apart from the others.
+        key = (tuple(tuple(s) for s in scales), self.device, torch.is_inference_mode_enabled())
+        cache = self._rope_cache
+        if key not in cache:
+            grid = reference_grid(scales, self.cfg.rope_grid)
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = Rotation.of(rope_table(scales, self.cfg.head_dim, grid, self.cfg.rope_theta, self.device))
+        return cache[key]
 
     def level_ids(self, scales) -> torch.Tensor:
         return torch.cat([torch.full((h * w,), i, dtype=torch.long) for i, (h, w) in enumerate(scales)]).to(self.device)
@@ -262,8 +278,9 @@ class Infinity(nn.Module):
         scales = [tuple(g) for g in scales]
         if len(scales) > self.cfg.num_levels:
             raise ValueError(f"{len(scales)} scales but the model knows at most {self.cfg.num_levels}")
+        total = sum(h * w for h, w in scales)
         return DecodeState(cond, scales, self.adaln_condition(cond), self.rope_for(scales),
-                           [KVCache() for _ in self.blocks])
+                           [KVCache(capacity=total) for _ in self.blocks])
 
     def step(self, state: DecodeState, x: torch.Tensor) -> torch.Tensor:
         """Run scale ``state.index`` on its embedded input x (rows, h*w, C) -> logits (rows, h*w, bits, 2).
@@ -279,7 +296,7 @@ class Infinity(nn.Module):
         if x.shape[1] != n_tok:
             raise ValueError(f"scale {i} {(h, w)} has {n_tok} tokens, got an input of {x.shape[1]}")
         x = x + self.lvl_embed.weight[i].to(x.dtype)
-        rope = state.rope[state.offset:state.offset + n_tok]
+        rope = state.rope.rows(state.offset, state.offset + n_tok)
         logits = self._blocks_and_head(x, state.ada, state.cond, rope, caches=state.caches)
         state.index, state.offset = i + 1, state.offset + n_tok
         return logits
@@ -297,7 +314,7 @@ class Infinity(nn.Module):
         """The AdaLN shift/scale/gate input every block shares, (rows, 1, 6, C)."""
         return self.shared_ada_lin(cond.pooled).view(cond.pooled.shape[0], 1, 6, -1)
 
-    def _blocks_and_head(self, x: torch.Tensor, ada: torch.Tensor, cond: TextCondition, rope: torch.Tensor, *,
+    def _blocks_and_head(self, x: torch.Tensor, ada: torch.Tensor, cond: TextCondition, rope: Rotation, *,
                          attn_mask: torch.Tensor | None = None, caches: list[KVCache] | None = None,
                          checkpointing: bool = False) -> torch.Tensor:
         # Level-embedded tokens -> logits. Either a mask over all scales (teacher forcing) or caches

@@ -1,0 +1,332 @@
+"""Before/after speed, side by side on a busy machine: ratios from interleaved repetitions (medians).
+
+Not part of the test suite. Three modes, each one command from the repository root:
+
+  # the sampler: this checkout's engine against another copy of svare_core (e.g. main's), on the same
+  # weights in one process, calls alternating (ABBA...), and this checkout in bf16 against fp32
+  mkdir -p /tmp/svare_main && git archive main svare_core | tar -x -C /tmp/svare_main
+  python benchmarks/bench_speedup.py sampler --old /tmp/svare_main/svare_core --configs tiny,medium --threads 2
+
+  # erasure on the toy model: erase() of the old copy and of this checkout in one process, runs
+  # alternating; then this checkout twice with an erasure cache (the first run fills it)
+  python benchmarks/bench_speedup.py erasure --old /tmp/svare_main/svare_core --repeats 3 --steps 50 --threads 2
+
+  # where the sampler's time goes (cProfile) in the old copy and here
+  python benchmarks/bench_speedup.py profile --old /tmp/svare_main/svare_core --config medium
+
+  # the erasure step's conditional + unconditional forwards: two passes or one batched pass
+  python benchmarks/bench_speedup.py passes --threads 2
+
+  # the CPU's matmul throughput (fp32 default BLAS, fp32 through oneDNN, bf16) and the sampler's
+  # achieved GFLOP/s as a share of it
+  python benchmarks/bench_speedup.py matmul --threads 2
+
+Every mode prints `uptime`'s load averages with its numbers: on a shared machine absolute times say
+little, ratios of interleaved runs more.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def load_core_copy(path: str, name: str = "svare_old"):
+    """Another copy of the svare_core package, imported under ``name`` (its imports are relative, so the two
+    copies never mix)."""
+    path = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    # Its built-in plug-ins (the toy model) and architectures by its own name, not this checkout's;
+    # no installed ones.
+    for registry in ("plugins", "models.registry"):
+        reg = importlib.import_module(f"{name}.{registry}")
+        reg.BUILTIN = tuple(m.replace("svare_core", name, 1) for m in reg.BUILTIN)
+        if hasattr(reg, "ENTRY_POINT_GROUP"):
+            reg.ENTRY_POINT_GROUP = f"{name}.none"
+    for sub in ("erasure", "erasure.pairs", "settings", "models.infinity", "models.vae", "pipeline", "sampling"):
+        importlib.import_module(f"{name}.{sub}")
+    return module
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Each callable once to warm up, then ``repeats`` times in turns (ABBA...)."""
+    for fn in runs.values():
+        fn()
+    keys, times = list(runs), {k: [] for k in runs}
+    for r in range(repeats):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            times[k].append(_timed(runs[k]))
+    return times
+
+
+# -- sampler ------------------------------------------------------------------------------------------------------
+def _old_pipeline(old, new_pipe):
+    """The same weights in the old copy's classes."""
+    t, v = new_pipe.transformer, new_pipe.vae
+    transformer = old.models.infinity.Infinity(old.models.infinity.InfinityConfig.from_dict(t.cfg.to_dict()))
+    transformer.load_state_dict(t.state_dict())
+    vae = old.models.vae.BSQVAE(v.cfg)
+    vae.load_state_dict(v.state_dict())
+    return old.pipeline.VARPipeline(transformer.eval(), vae.eval(), new_pipe.text_encoder, name="old",
+                                    base_fingerprint="-")
+
+
+def sampler(args) -> None:
+    import torch
+    from bench_sampling import CFG, TAU, _our_pipeline
+
+    from svare_core.sampling import SamplerSettings, generate
+
+    torch.set_num_threads(args.threads)
+    old = load_core_copy(args.old) if args.old else None
+    print(f"sampler, {args.threads} thread(s), {args.repeats} interleaved calls each, load before: {load_average()}")
+    rows = []
+    for name in args.configs.split(","):
+        job = {"config": name, "device": "cpu", "batch": args.batch}
+        pipe, scales, prompts = _our_pipeline(job)
+        settings = SamplerSettings(cfg=CFG, tau=TAU)
+        runs = {"new": lambda p=pipe: generate(p, prompts, seed=0, settings=settings, scales=scales, return_logits=True)}
+        if old is not None:
+            old_pipe = _old_pipeline(old, pipe)
+            old_settings = old.sampling.SamplerSettings(cfg=CFG, tau=TAU)
+            runs["old"] = lambda p=old_pipe: old.sampling.generate(p, prompts, seed=0, settings=old_settings,
+                                                                   scales=scales, return_logits=True)
+        bf16 = pipe.with_transformer(_cast(pipe.transformer, torch.bfloat16))
+        runs["new_bf16"] = lambda p=bf16: generate(p, prompts, seed=0, settings=settings, scales=scales,
+                                                   return_logits=True)
+        outs = {k: fn() for k, fn in runs.items()}
+        times = interleaved(runs, args.repeats)
+        med = {k: statistics.median(v) / args.batch for k, v in times.items()}
+        row = {"config": name, "s_per_image": med}
+        if old is not None:
+            row["old_over_new"] = med["old"] / med["new"]
+            row["same_as_old"] = all(torch.equal(a, b) for a, b in zip(outs["new"].bits, outs["old"].bits)) and \
+                all(torch.equal(a, b) for a, b in zip(outs["new"].logits, outs["old"].logits)) and \
+                torch.equal(outs["new"].images, outs["old"].images)
+        row["fp32_over_bf16"] = med["new"] / med["new_bf16"]
+        a, b = torch.cat(outs["new"].logits, 1), torch.cat(outs["new_bf16"].logits, 1)
+        # The bf16 model's logits on the fp32 run's own tokens would need teacher forcing; these are its own draw.
+        row["bf16_bits_agree"] = float(torch.cat(outs["new"].bits, 1).eq(torch.cat(outs["new_bf16"].bits, 1)).float().mean())
+        row["bf16_first_scale_max_logit_error"] = float((a[:, :1] - b[:, :1]).abs().max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"load after: {load_average()}")
+
+
+def _cast(model, dtype):
+    import copy
+    return copy.deepcopy(model).to(dtype)
+
+
+# -- profile ------------------------------------------------------------------------------------------------------------
+WATCHED = ("_project_kv", "text_kv", "apply_rope", "extend", "of")
+
+
+def profile(args) -> None:
+    """Where the sampler's time goes (cProfile, medium config): the share of the work issue 17 removes or
+    moves (text K/V projections, RoPE, KV-cache growth) in the old copy and in this checkout."""
+    import cProfile
+    import pstats
+
+    import torch
+    from bench_sampling import CFG, TAU, _our_pipeline
+
+    from svare_core.sampling import SamplerSettings, generate
+
+    torch.set_num_threads(args.threads)
+    old = load_core_copy(args.old)
+    pipe, scales, prompts = _our_pipeline({"config": args.config, "device": "cpu", "batch": 1})
+    old_pipe = _old_pipeline(old, pipe)
+    calls = {"new": lambda: generate(pipe, prompts, seed=0, settings=SamplerSettings(cfg=CFG, tau=TAU), scales=scales),
+             "old": lambda: old.sampling.generate(old_pipe, prompts, seed=0,
+                                                  settings=old.sampling.SamplerSettings(cfg=CFG, tau=TAU), scales=scales)}
+    print(f"profile ({args.config}, {args.threads} thread(s), {args.repeats} calls), load before: {load_average()}")
+    for key, fn in calls.items():
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.repeats):
+            fn()
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        total = sum(tt for (_, _, _), (_, _, tt, _, _) in stats.items())
+        shares = {}
+        for (file, _, func), (_, _, _, ct, _) in stats.items():
+            if func in WATCHED and file.endswith("attention.py"):
+                shares[func] = shares.get(func, 0.0) + ct
+        print(json.dumps({"copy": key, "total_s": round(total, 3),
+                          "share": {k: round(v / total, 4) for k, v in sorted(shares.items())}}))
+    print(f"load after: {load_average()}")
+
+
+# -- erasure --------------------------------------------------------------------------------------------------------
+def _toy_erase(core, steps: int | None, cache_dir: str | None = None):
+    """One toy erasure (red -> blue, the toy model's settings) with a copy of svare_core; returns its patch."""
+    pipe = core.load_pipeline("toyworld")
+    assert type(pipe.transformer).__module__.startswith(core.__name__), "the copies mixed"
+    pairs = core.erasure.expand_concept("red", "blue", "toy")
+    preserve_prompts_for = core.erasure.pairs.preserve_prompts_for
+    options = {"steps": steps} if steps else {}
+    if cache_dir:
+        options["cache_dir"] = cache_dir
+    cfg = core.settings.resolve_erase(pipe, pairs, **options)
+    return lambda: core.erasure.erase(pipe, pairs, cfg, preserve_prompts=preserve_prompts_for(pairs, "toy")).patch
+
+
+def erasure(args) -> None:
+    import torch
+
+    import svare_core
+
+    torch.set_num_threads(args.threads)
+    old = load_core_copy(args.old)
+    runs = {"old": _toy_erase(old, args.steps), "new": _toy_erase(svare_core, args.steps)}
+    print(f"erasure (toy, red -> blue, in one process), {args.threads} thread(s), {args.repeats} interleaved runs "
+          f"each, load before: {load_average()}", flush=True)
+    patches = {k: fn() for k, fn in runs.items()}
+    same = all(torch.equal(patches["old"].tensors[k], patches["new"].tensors[k]) for k in patches["old"].tensors)
+    times = {k: [] for k in runs}
+    for r in range(args.repeats):
+        for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            times[k].append(_timed(runs[k]))
+            print(f"  {k}: {times[k][-1]:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        cached = _toy_erase(svare_core, args.steps, cache)
+        fill = _timed(cached)
+        t0 = time.perf_counter()
+        hit_patch = cached()
+        hit = time.perf_counter() - t0
+    same_cached = all(torch.equal(hit_patch.tensors[k], patches["new"].tensors[k]) for k in hit_patch.tensors)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"median_s": {k: round(v, 2) for k, v in med.items()}, "old_over_new": round(med["old"] / med["new"], 3),
+                      "same_patch": same, "cache_fill_s": round(fill, 1), "cache_hit_s": round(hit, 1),
+                      "cache_hit_same_patch": same_cached}))
+    print(f"load after: {load_average()}")
+
+
+# -- matmul ------------------------------------------------------------------------------------------------------------
+def matmul(args) -> None:
+    import torch
+    from bench_sampling import CFG, TAU, _our_pipeline
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from svare_core import kernels
+    from svare_core.sampling import SamplerSettings, generate
+
+    torch.set_num_threads(args.threads)
+    print(f"matmul, {args.threads} thread(s), load before: {load_average()}")
+    limits = kernels.measure_cpu_linears()
+    print(json.dumps(limits))
+    job = {"config": "medium", "device": "cpu", "batch": 1}
+    pipe, scales, prompts = _our_pipeline(job)
+    settings = SamplerSettings(cfg=CFG, tau=TAU)
+    for dtype, key in ((torch.float32, "fp32_blas"), (torch.bfloat16, "bf16")):
+        p = pipe if dtype == torch.float32 else pipe.with_transformer(_cast(pipe.transformer, dtype))
+        p.transformer.requires_grad_(False)       # the FLOP counter's module hooks trip over no_grad parameters
+        run = lambda p=p: generate(p, prompts, seed=0, settings=settings, scales=scales, decode=False)  # noqa: E731
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops = counter.get_total_flops()
+        secs = statistics.median(interleaved({"x": run}, args.repeats)["x"])
+        achieved = flops / secs / 1e9
+        print(json.dumps({"sampler": f"medium {key}", "gflop_per_image": round(flops / 1e9, 3),
+                          "s_per_image": round(secs, 4), "achieved_gflops": round(achieved, 1),
+                          "share_of_matmul_limit": round(achieved / limits[key]["gflops"], 3)}))
+    print(f"load after: {load_average()}")
+
+
+# -- passes ------------------------------------------------------------------------------------------------------------
+def passes(args) -> None:
+    """The erasure step's conditional + unconditional forwards on the toy model: two passes against one
+    batched pass (B prompts, B unconditional rows), interleaved; and how far the batched logits are from
+    the separate ones (a batch changes the BLAS's blocking, so its roundings)."""
+    import torch
+
+    from svare_core import load_pipeline
+    from svare_core.erasure import expand_concept
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline("toyworld")
+    model, scales = pipe.transformer, pipe.default_scales("1:1", "0.06M")
+    length = sum(h * w for h, w in scales)
+    prompts = [p.unsafe for p in expand_concept("red", "blue", "toy")]
+    print(f"passes (toy model, frozen, no grad), {args.threads} thread(s), load before: {load_average()}")
+    for batch in (1, 2, 8):
+        x = torch.randint(0, 2, (batch, length - 1, model.cfg.bits), generator=torch.Generator().manual_seed(0)).float()
+        with torch.no_grad():
+            feats, mask = pipe.encode_prompts(prompts[:batch])
+            cond = model.encode_text(feats, mask)
+            uncond = model.encode_text(model.uncond_features(mask), mask)
+            both = cond.cat(uncond)
+            xx = torch.cat([x, x])
+            separate = torch.cat([model(cond, x, scales), model(uncond, x, scales)])
+            batched = model(both, xx, scales)
+            times = interleaved({"two": lambda: (model(cond, x, scales), model(uncond, x, scales)),
+                                 "one": lambda: model(both, xx, scales)}, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(json.dumps({"batch": batch, "two_passes_s": round(med["two"], 4), "one_batched_s": round(med["one"], 4),
+                          "two_over_one": round(med["two"] / med["one"], 3),
+                          "bit_identical": bool(torch.equal(separate, batched)),
+                          "max_logit_difference": float((separate - batched).abs().max())}))
+    print(f"load after: {load_average()}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("sampler")
+    s.add_argument("--old", default=None, help="another copy of the svare_core folder to compare with")
+    s.add_argument("--configs", default="tiny,medium")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--repeats", type=int, default=10)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=sampler)
+    e = sub.add_parser("erasure")
+    e.add_argument("--old", required=True, help="another copy of the svare_core folder to compare with")
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--steps", type=int, default=None, help="erasure steps (default: the toy model's)")
+    e.add_argument("--threads", type=int, default=1)
+    e.set_defaults(func=erasure)
+    m = sub.add_parser("matmul")
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--threads", type=int, default=1)
+    m.set_defaults(func=matmul)
+    f = sub.add_parser("profile")
+    f.add_argument("--old", required=True, help="another copy of the svare_core folder to compare with")
+    f.add_argument("--config", default="medium")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--threads", type=int, default=1)
+    f.set_defaults(func=profile)
+    q = sub.add_parser("passes")
+    q.add_argument("--repeats", type=int, default=10)
+    q.add_argument("--threads", type=int, default=1)
+    q.set_defaults(func=passes)
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
