@@ -1,4 +1,4 @@
-"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,inspect} ...``
+"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,attack,inspect} ...``
 
 Exit status: 0 done; 2 a problem with the input (one line on stderr naming it and the fix;
 nothing was written); 130 interrupted (Ctrl-C; nothing partial was written); 1 a bug (traceback).
@@ -257,6 +257,55 @@ def cmd_evaluate(args) -> None:
     print(text)
 
 
+def _attack_prompts(args, patches, concept: str) -> list[str]:
+    """--prompt, else the erased pairs' prompts that name the concept, else the --kind templates."""
+    from .erasure.pairs import mentions, template_prompts
+
+    if args.prompt:
+        return args.prompt
+    recorded = [u for p, _ in patches for u, _ in p.meta.get("pairs", []) if mentions(u, concept)]
+    return recorded or template_prompts(concept, args.kind or "object")
+
+
+def cmd_attack(args) -> None:
+    from dataclasses import fields
+
+    from .erasure.attacks import ATTACKS, AttackBudget, Judge, run_attacks
+    from .outputs import check_file, write_or_rescue
+
+    report_path = check_file(args.json, overwrite=args.overwrite, suffix=".json", what="report") if args.json else None
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip()) if args.attacks else ATTACKS
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        raise UserError(f"unknown attack(s) {unknown}; --attacks takes a comma list of {', '.join(ATTACKS)}")
+    patches = _read_patches(args)
+    if not patches:
+        raise UserError("give the erased model's --patch (the attacks compare it with the base model)")
+    concepts = args.concept or sorted({c for p, _ in patches for c in p.concepts})
+    if not concepts:
+        raise UserError("name the erased concept with --concept (the patch records none)")
+    names = {f.name for f in fields(AttackBudget)}
+    budget = AttackBudget(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    base = _load_base(args)
+    erased = _with_patches(base, patches)
+    settings = _settings(args, base)
+    settings.validate()
+    detector = args.detector or _family(base).evaluation
+    if detector is None:
+        raise UserError("for a real model choose the judge: --detector nudenet (nudity) or clip (objects, styles; "
+                        "with --clip-model FOLDER)")
+    options = {"model_path": args.clip_model} if args.clip_model else {}
+    report = {"concepts": {}}
+    for c in concepts:
+        judge = Judge(detector, c, args.threshold, options)
+        report["concepts"][c] = run_attacks(base, erased, c, _attack_prompts(args, patches, c), judge, budget=budget,
+                                            settings=settings, attacks=attacks, seed=args.seed)
+    text = json.dumps(report, indent=1)
+    if report_path is not None:
+        write_or_rescue(lambda path: _write_text(path, text), report_path, "report")
+    print(text)
+
+
 def _write_text(path: Path, text: str) -> Path:
     """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -348,6 +397,27 @@ def main(argv=None) -> None:
     v.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept present'")
     v.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
     v.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("attack", help="try to prompt an erased concept back; success rates on the erased and base models")
+    _add_model_args(a)
+    _add_sampler_args(a)
+    a.set_defaults(seed=5000)
+    a.add_argument("--concept", action="append", default=[], help="default: the concepts the patches record")
+    a.add_argument("--prompt", action="append", default=[],
+                   help="attack prompt naming the concept (repeatable; default: the patch's training prompts)")
+    a.add_argument("--attacks", default=None, help="comma list of near_words, token_search, soft_prompt, "
+                   "concept_direction (default: all)")
+    a.add_argument("--detector", default=None, help="judge: nudenet, clip, or toyworld (the toy model's default)")
+    a.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept shown'")
+    a.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
+    a.add_argument("--kind", default=None, help="templates for the prompts when the patch records none")
+    a.add_argument("--json", default=None, help="write the report here (.json)")
+    for name in ("near_words", "word_pool", "search_slots", "soft_tokens", "soft_steps", "target_images", "judge_seeds",
+                 "max_prompts"):
+        a.add_argument(f"--{name.replace('_', '-')}", type=_count, default=None, help="attack budget (see AttackBudget)")
+    a.add_argument("--soft-lr", type=float, default=None, help="soft-prompt step, in units of the embeddings' spread")
+    _add_overwrite_arg(a)
+    a.set_defaults(func=cmd_attack)
 
     i = sub.add_parser("inspect", help="what a model file is, or why it cannot be used")
     i.add_argument("path")
