@@ -82,16 +82,21 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 # ablation benchmark); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
-                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float))
+                 ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float),
+                 ("aux_samples", int), ("aux_seeds", str))
 
 
 ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)",
-              "preserve_per_step": "preservation prompts in each preservation step, per concept"}
+              "preserve_per_step": "preservation prompts in each preservation step, per concept",
+              "aux_samples": "training images the frozen model draws per safe prompt",
+              "aux_seeds": "per_prompt (each safe prompt its own seeds) or shared (the same seeds for all)"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
     for name, typ in ERASE_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=ERASE_HELP.get(name))
+    p.add_argument("--robust", action="store_const", const=True, default=None,
+                   help="S-VARE trains against soft-prompt attacks found during training (slower)")
 
 
 def _load_base(args):
@@ -174,7 +179,8 @@ def _pairs_from_args(args):
 def _erase_config(args, pipe, pairs=()):
     from .settings import resolve_erase
 
-    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")})
+    names = (*(o for o, _ in ERASE_OPTIONS), "seed", "robust")
+    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in names})
 
 
 def _run_erase(pipe, pairs, cfg, preserve, desc="erasing"):

@@ -133,11 +133,17 @@ class Targets:
     rows: list[int]                # which prompt each image belongs to
 
 
-def concept_targets(base: VARPipeline, prompts: list[str], images: int, settings: SamplerSettings, scales,
-                    seed: int) -> Targets:
-    aux = auxiliary_tokens(base, prompts, seeds=[seed + i for i in range(images)], settings=settings, scales=scales)
+def targets_of(aux: dict, prompts: list[str]) -> Targets:
+    """The auxiliary tokens of ``prompts`` (prompt -> AuxTokens) as one target set."""
     rows = [k for k, p in enumerate(prompts) for _ in range(len(aux[p]))]
     return Targets(prompts, torch.cat([aux[p].inputs for p in prompts]), torch.cat([aux[p].bits for p in prompts]), rows)
+
+
+def concept_targets(base: VARPipeline, prompts: list[str], images: int, settings: SamplerSettings, scales,
+                    seed: int) -> Targets:
+    """What the base model draws for ``prompts`` (``images`` each): the images the attacks aim at."""
+    aux = auxiliary_tokens(base, prompts, seeds=[seed + i for i in range(images)], settings=settings, scales=scales)
+    return targets_of(aux, prompts)
 
 
 def concept_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets, scales, guidance: float
@@ -251,26 +257,42 @@ def soft_prompt_features(enc, prompts: list[str], concept: str, soft: torch.Tens
     return out
 
 
-def soft_prompt(erased: VARPipeline, concept: str, targets: Targets, budget: AttackBudget, scales, guidance: float,
-                seed: int = 0) -> tuple[list[torch.Tensor], dict]:
-    """Optimise ``budget.soft_tokens`` vectors in place of the concept's tokens (started at the
-    concept's own embedding, plus a little noise) to minimise ``concept_nll`` on the erased model."""
-    enc = erased.text_encoder
+def concept_embedding(enc, concept: str, tokens: int) -> torch.Tensor:
+    """(tokens, width): the mean input embedding of the concept's tokens, repeated."""
     table = enc.model.get_input_embeddings().weight
     ids = enc.tokenizer(concept, add_special_tokens=False)["input_ids"]
-    start = table[ids].detach().float().mean(0, keepdim=True).repeat(budget.soft_tokens, 1)
-    noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(seed)).to(start.device)
-    soft = (start + 0.01 * start.std() * noise).requires_grad_(True)
-    opt = torch.optim.Adam([soft], lr=budget.soft_lr * float(start.std()))
+    return table[ids].detach().float().mean(0, keepdim=True).repeat(tokens, 1)
+
+
+def optimise_soft_tokens(pipe: VARPipeline, concept: str, targets: Targets, start: torch.Tensor, steps: int,
+                         lr: float, scales, guidance: float) -> tuple[torch.Tensor, list[float]]:
+    """Adam on the soft tokens (from ``start``) against ``concept_nll`` of ``pipe``'s transformer; only the
+    tokens get gradients. Returns the tokens and the objective at each step."""
+    enc = pipe.text_encoder
+    soft = start.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([soft], lr=lr)
     history = []
     with torch.enable_grad():
-        for _ in range(budget.soft_steps):
-            loss = concept_nll(erased, soft_prompt_features(enc, targets.prompts, concept, soft), targets, scales, guidance)
+        for _ in range(steps):
+            loss = concept_nll(pipe, soft_prompt_features(enc, targets.prompts, concept, soft), targets, scales, guidance)
             (grad,) = torch.autograd.grad(loss, [soft])
             opt.zero_grad(set_to_none=True)
             soft.grad = grad
             opt.step()
             history.append(float(loss.detach()))
+    return soft.detach(), history
+
+
+def soft_prompt(erased: VARPipeline, concept: str, targets: Targets, budget: AttackBudget, scales, guidance: float,
+                seed: int = 0) -> tuple[list[torch.Tensor], dict]:
+    """Optimise ``budget.soft_tokens`` vectors in place of the concept's tokens (started at the
+    concept's own embedding, plus a little noise) to minimise ``concept_nll`` on the erased model."""
+    enc = erased.text_encoder
+    start = concept_embedding(enc, concept, budget.soft_tokens)
+    noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(seed)).to(start.device)
+    spread = float(start.std())
+    soft, history = optimise_soft_tokens(erased, concept, targets, start + 0.01 * spread * noise, budget.soft_steps,
+                                         budget.soft_lr * spread, scales, guidance)
     with torch.no_grad():
         final = soft_prompt_features(enc, targets.prompts, concept, soft)
         after = float(concept_nll(erased, final, targets, scales, guidance))

@@ -56,10 +56,20 @@ def _read_cached(path: Path | None, length: int, bits: int) -> torch.Tensor | No
         return None
 
 
-def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
+def prompt_seeds(prompt: str, first: int, count: int) -> list[int]:
+    """``count`` seeds of the prompt's own: the first one offset by a hash of the prompt, so prompts that
+    share a seed list do not all draw the same noise (and the same open attributes: every "a blue ..."
+    striped on gray when all use seeds 0 and 1)."""
+    offset = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+    return [(first + offset) % 2**62 + i for i in range(count)]
+
+
+def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int] | Callable[[str], list[int]],
+                     settings: SamplerSettings,
                      scales, cache_dir: str | Path | None = None, fingerprint: str | None = None,
                      callback: Callable[[int, int], None] | None = None) -> dict[str, AuxTokens]:
-    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model.
+    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model; ``seeds``
+    is one list for every prompt or a function giving each prompt its own (:func:`prompt_seeds`).
 
     ``callback(done, total)`` runs after every scale of every image (``done`` counts finished
     images) and may raise to cancel: on a real model one image takes seconds to minutes.
@@ -68,11 +78,12 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
     patch = pipe.vae.cfg.patch_size
     out: dict[str, AuxTokens] = {}
     unique = list(dict.fromkeys(prompts))
-    total, done = len(unique) * len(seeds), 0
+    seeds_of = seeds if callable(seeds) else (lambda prompt: seeds)
+    total, done = sum(len(seeds_of(p)) for p in unique), 0
     on_scale = (lambda step: callback(done, total)) if callback is not None else None
     for prompt in unique:
         rows = []
-        for seed in seeds:
+        for seed in seeds_of(prompt):
             key = _cache_key(fingerprint, prompt, seed, settings, scales)
             path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
             cached = _read_cached(path, sum(h * w for h, w in scales), pipe.transformer.cfg.bits)

@@ -22,7 +22,7 @@ from .methods import method_for
 from .pairs import PromptPair, validate_pairs
 from .patches import ErasurePatch, applied
 from .run import ErasureRun
-from .tokens import auxiliary_tokens
+from .tokens import auxiliary_tokens, prompt_seeds
 from .trainable import add_lora, dense_parameters, remove_lora
 
 
@@ -83,9 +83,10 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
                          generator=torch.Generator().manual_seed(cfg.seed))
         r = cfg.research
         aux_settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
-        run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=[cfg.seed + i for i in range(cfg.aux_samples)],
-                                   settings=aux_settings, scales=scales, cache_dir=cfg.cache_dir,
-                                   fingerprint=pipe.fingerprint(), callback=targets_callback)
+        seeds = ((lambda prompt: prompt_seeds(prompt, cfg.seed, cfg.aux_samples)) if r.aux_seeds == "per_prompt"
+                 else [cfg.seed + i for i in range(cfg.aux_samples)])
+        run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=seeds, settings=aux_settings, scales=scales,
+                                   cache_dir=cfg.cache_dir, fingerprint=pipe.fingerprint(), callback=targets_callback)
         run.params, lora = _trainable(student, cfg)
         decay = [p for p in run.params.values() if p.dim() >= 2]
         no_decay = [p for p in run.params.values() if p.dim() < 2]
