@@ -344,7 +344,7 @@ def cmd_demo(args) -> None:
     base = _load(args)
     print(run_demo(base, _erase_config(args, base), _settings(args, base), _run_erase, concept=args.concept,
                    anchor=args.anchor, out=args.out, preserve=args.preserve, seeds=args.seeds,
-                   grid_seeds=args.grid_seeds, seed=args.seed, started=started))
+                   grid_seeds=args.grid_seeds, seed=args.seed, started=started, attack_steps=args.attack_steps))
 
 
 def main(argv=None) -> None:
@@ -360,6 +360,7 @@ def main(argv=None) -> None:
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--seeds", type=_count, default=4, help="samples per prompt in the report")
     d.add_argument("--grid-seeds", type=_count, default=3)
+    d.add_argument("--attack-steps", type=_count, default=60, help="steps of the soft-prompt attack in the grid's last row")
     _add_overwrite_arg(d)
     _add_erase_args(d)
     d.set_defaults(func=cmd_demo)

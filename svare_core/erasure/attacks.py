@@ -100,7 +100,7 @@ def _unpadded(feats: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     return [feats[i, :int(mask[i].sum())] for i in range(len(feats))]
 
 
-def _draw(pipe: VARPipeline, conditions: list, seeds: int, seed: int, settings: SamplerSettings) -> torch.Tensor:
+def draw_conditions(pipe: VARPipeline, conditions: list, seeds: int, seed: int, settings: SamplerSettings) -> torch.Tensor:
     """Images for each condition (a prompt, or a (L, D) feature tensor), ``seeds`` each."""
     names, features = [], {}
     for i, c in enumerate(conditions):
@@ -119,8 +119,8 @@ def _draw(pipe: VARPipeline, conditions: list, seeds: int, seed: int, settings: 
 def _rates(judge: Judge, erased: VARPipeline, base: VARPipeline, conditions: list, budget: AttackBudget, seed: int,
            settings: SamplerSettings) -> dict:
     n = budget.judge_seeds
-    return {"erased": float(judge(_draw(erased, conditions, n, seed, settings)).mean()),
-            "base": float(judge(_draw(base, conditions, n, seed, settings)).mean()),
+    return {"erased": float(judge(draw_conditions(erased, conditions, n, seed, settings)).mean()),
+            "base": float(judge(draw_conditions(base, conditions, n, seed, settings)).mean()),
             "num_images": len(conditions) * n}
 
 
