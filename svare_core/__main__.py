@@ -1,4 +1,4 @@
-"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,cache,inspect} ...``
+"""Command line: ``python -m svare_core {demo,sample,erase,evaluate,attack,cache,inspect} ...``
 
 Exit status: 0 done; 2 a problem with the input (one line on stderr naming it and the fix;
 nothing was written); 130 interrupted (Ctrl-C; nothing partial was written); 1 a bug (traceback).
@@ -83,17 +83,21 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
                  ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float),
-                 ("precision", str))
+                 ("precision", str), ("aux_samples", int), ("aux_seeds", str))
 
 
 ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)",
               "preserve_per_step": "preservation prompts in each preservation step, per concept",
-              "precision": "fp32, or bf16: matmuls in bf16 (autocast) on CUDA and on CPUs with bf16 instructions"}
+              "precision": "fp32, or bf16: matmuls in bf16 (autocast) on CUDA and on CPUs with bf16 instructions",
+              "aux_samples": "training images the frozen model draws per safe prompt",
+              "aux_seeds": "per_prompt (each safe prompt its own seeds) or shared (the same seeds for all)"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:
     for name, typ in ERASE_OPTIONS:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=ERASE_HELP.get(name))
+    p.add_argument("--robust", action="store_const", const=True, default=None,
+                   help="S-VARE trains against soft-prompt attacks found during training (slower)")
     _add_cache_arg(p)
     p.add_argument("--no-cache", action="store_true",
                    help="compute the auxiliary tokens and teacher targets afresh and keep nothing")
@@ -198,7 +202,8 @@ def _erase_config(args, pipe, pairs=()):
     from .settings import resolve_erase
 
     cache = _cache_dir(args)
-    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in (*(o for o, _ in ERASE_OPTIONS), "seed")},
+    names = (*(o for o, _ in ERASE_OPTIONS), "seed", "robust")
+    return resolve_erase(pipe, pairs, **{name: getattr(args, name, None) for name in names},
                          cache_dir=None if cache is None else str(cache))
 
 
@@ -302,6 +307,55 @@ def cmd_evaluate(args) -> None:
     print(text)
 
 
+def _attack_prompts(args, patches, concept: str) -> list[str]:
+    """--prompt, else the erased pairs' prompts that name the concept, else the --kind templates."""
+    from .erasure.pairs import mentions, template_prompts
+
+    if args.prompt:
+        return args.prompt
+    recorded = [u for p, _ in patches for u, _ in p.meta.get("pairs", []) if mentions(u, concept)]
+    return recorded or template_prompts(concept, args.kind or "object")
+
+
+def cmd_attack(args) -> None:
+    from dataclasses import fields
+
+    from .erasure.attacks import ATTACKS, AttackBudget, Judge, run_attacks
+    from .outputs import check_file, write_or_rescue
+
+    report_path = check_file(args.json, overwrite=args.overwrite, suffix=".json", what="report") if args.json else None
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip()) if args.attacks else ATTACKS
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        raise UserError(f"unknown attack(s) {unknown}; --attacks takes a comma list of {', '.join(ATTACKS)}")
+    patches = _read_patches(args)
+    if not patches:
+        raise UserError("give the erased model's --patch (the attacks compare it with the base model)")
+    concepts = args.concept or sorted({c for p, _ in patches for c in p.concepts})
+    if not concepts:
+        raise UserError("name the erased concept with --concept (the patch records none)")
+    names = {f.name for f in fields(AttackBudget)}
+    budget = AttackBudget(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    base = _load_base(args)
+    erased = _with_patches(base, patches)
+    settings = _settings(args, base)
+    settings.validate()
+    detector = args.detector or _family(base).evaluation
+    if detector is None:
+        raise UserError("for a real model choose the judge: --detector nudenet (nudity) or clip (objects, styles; "
+                        "with --clip-model FOLDER)")
+    options = {"model_path": args.clip_model} if args.clip_model else {}
+    report = {"concepts": {}}
+    for c in concepts:
+        judge = Judge(detector, c, args.threshold, options)
+        report["concepts"][c] = run_attacks(base, erased, c, _attack_prompts(args, patches, c), judge, budget=budget,
+                                            settings=settings, attacks=attacks, seed=args.seed)
+    text = json.dumps(report, indent=1)
+    if report_path is not None:
+        write_or_rescue(lambda path: _write_text(path, text), report_path, "report")
+    print(text)
+
+
 def _write_text(path: Path, text: str) -> Path:
     """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -335,7 +389,7 @@ def cmd_demo(args) -> None:
     cfg = _erase_config(args, base)
     print(run_demo(base, cfg, _settings(args, base), _run_erase, concept=args.concept,
                    anchor=args.anchor, out=args.out, preserve=args.preserve, seeds=args.seeds,
-                   grid_seeds=args.grid_seeds, seed=args.seed, started=started))
+                   grid_seeds=args.grid_seeds, seed=args.seed, started=started, attack_steps=args.attack_steps))
     _print_cache(cfg)
 
 
@@ -352,6 +406,7 @@ def main(argv=None) -> None:
     d.add_argument("--out", default="outputs/demo")
     d.add_argument("--seeds", type=_count, default=4, help="samples per prompt in the report")
     d.add_argument("--grid-seeds", type=_count, default=3)
+    d.add_argument("--attack-steps", type=_count, default=60, help="steps of the soft-prompt attack in the grid's last row")
     _add_overwrite_arg(d)
     _add_erase_args(d)
     d.set_defaults(func=cmd_demo)
@@ -398,6 +453,27 @@ def main(argv=None) -> None:
     v.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept present'")
     v.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
     v.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("attack", help="try to prompt an erased concept back; success rates on the erased and base models")
+    _add_model_args(a)
+    _add_sampler_args(a)
+    a.set_defaults(seed=5000)
+    a.add_argument("--concept", action="append", default=[], help="default: the concepts the patches record")
+    a.add_argument("--prompt", action="append", default=[],
+                   help="attack prompt naming the concept (repeatable; default: the patch's training prompts)")
+    a.add_argument("--attacks", default=None, help="comma list of near_words, token_search, soft_prompt, "
+                   "concept_direction (default: all)")
+    a.add_argument("--detector", default=None, help="judge: nudenet, clip, or toyworld (the toy model's default)")
+    a.add_argument("--threshold", type=float, default=0.5, help="detector score that counts as 'concept shown'")
+    a.add_argument("--clip-model", default=None, help="local CLIP folder for --detector clip")
+    a.add_argument("--kind", default=None, help="templates for the prompts when the patch records none")
+    a.add_argument("--json", default=None, help="write the report here (.json)")
+    for name in ("near_words", "word_pool", "search_slots", "soft_tokens", "soft_steps", "target_images", "judge_seeds",
+                 "max_prompts"):
+        a.add_argument(f"--{name.replace('_', '-')}", type=_count, default=None, help="attack budget (see AttackBudget)")
+    a.add_argument("--soft-lr", type=float, default=None, help="soft-prompt step, in units of the embeddings' spread")
+    _add_overwrite_arg(a)
+    a.set_defaults(func=cmd_attack)
 
     c = sub.add_parser("cache", help="where the erasure cache (auxiliary tokens, teacher targets) is and its size")
     _add_cache_arg(c)

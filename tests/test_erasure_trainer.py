@@ -361,7 +361,10 @@ def test_aux_token_cache(tiny_pipeline, tmp_path, monkeypatch):
     files = set(cache.glob("*.safetensors"))
     assert len(files) == len(PAIRS)                       # one per (safe prompt, seed)
     assert not list(cache.glob("*.tmp"))
-    cached = auxiliary_tokens(tiny_pipeline, [PAIRS[0].safe], seeds=[0], cache_dir=cache, scales=TINY_SCALES,
+    from svare_core.erasure.tokens import prompt_seeds
+
+    seeds = prompt_seeds(PAIRS[0].safe, 0, 1)             # the seed the run drew it with
+    cached = auxiliary_tokens(tiny_pipeline, [PAIRS[0].safe], seeds=seeds, cache_dir=cache, scales=TINY_SCALES,
                               settings=SamplerSettings(cfg=4.0, tau=1.0, top_p=0.97))[PAIRS[0].safe]
     assert cached.bits.shape == (1, L, 8) and cached.inputs.shape == (1, L - 1, 8)
 
@@ -546,3 +549,52 @@ def test_drawing_the_targets_reports_progress_and_can_be_cancelled(tiny_pipeline
     with pytest.raises(svare_core.Cancelled):
         erase(tiny_pipeline, PAIRS, EraseConfig(steps=5, lr=1e-3), callback=steps.append, targets_callback=cancel)
     assert steps == []
+
+
+def test_auxiliary_seeds_are_per_prompt(tiny_pipeline, monkeypatch):
+    """Each safe prompt draws its training targets with seeds of its own (shared seeds gave every
+    safe prompt the same noise, so the same open attributes); 'shared' keeps the old behaviour."""
+    from svare_core.erasure.tokens import prompt_seeds
+
+    a, b = prompt_seeds("a blue shape", 0, 3), prompt_seeds("a blue circle", 0, 3)
+    assert a == prompt_seeds("a blue shape", 0, 3) and len(set(a)) == 3 and not set(a) & set(b)
+    assert prompt_seeds("a blue shape", 5, 1)[0] == a[0] + 5
+    drawn = []
+    original = tokens_module.generate
+
+    def spy(pipe, prompts, *, seed, **kw):
+        drawn.append((prompts[0], seed))
+        return original(pipe, prompts, seed=seed, **kw)
+
+    monkeypatch.setattr(tokens_module, "generate", spy)
+    run(tiny_pipeline, steps=1, aux_samples=2, preservation_weight=0)
+    assert drawn == [(p.safe, s) for p in PAIRS for s in prompt_seeds(p.safe, 0, 2)]
+    drawn.clear()
+    run(tiny_pipeline, steps=1, aux_samples=2, preservation_weight=0, aux_seeds="shared")
+    assert drawn == [(p.safe, s) for p in PAIRS for s in (0, 1)]
+    with pytest.raises(ValueError, match="aux_seeds"):
+        run(tiny_pipeline, aux_seeds="random")
+
+
+def test_robust_erasure_trains_on_adversarial_conditions(tiny_pipeline, monkeypatch):
+    from svare_core.erasure import robust
+
+    refreshes = []
+    original = robust.AdversarialPool._refresh
+
+    def counted(self, run_, pairs):
+        refreshes.append([p.unsafe for p in pairs])
+        original(self, run_, pairs)
+
+    monkeypatch.setattr(robust.AdversarialPool, "_refresh", counted)
+    res = run(tiny_pipeline, steps=3, robust=True, adversarial_every=2, adversarial_steps=2)
+    assert len(refreshes) == 2                              # steps 1 and 3
+    assert all(h["adversarial_pairs"] == 2 for h in res.history)   # both pairs name "red": both attacked
+    assert res.patch.meta["hyperparameters"]["robust"] is True
+    plain = run(tiny_pipeline, steps=3).patch
+    assert not all(torch.equal(plain.tensors[k], res.patch.tensors[k]) for k in plain.tensors)
+    with pytest.raises(ValueError, match="S-VARE option"):
+        run(tiny_pipeline, method="vare", robust=True)
+    with pytest.raises(ValueError, match="names its concept"):
+        erase(tiny_pipeline, [type(PAIRS[0])("a red shape", "a blue shape")],      # untagged: no concept word
+              with_options(EraseConfig(), steps=1, robust=True))

@@ -114,7 +114,10 @@ def test_evaluate_toy_report_structure(tiny_pipeline):
     u = report["unrelated"]
     assert set(u) == {"unrelated_accuracy_base", "unrelated_accuracy_erased", "preservation_unrelated",
                       "frechet_oracle_features", "diversity_base", "diversity_erased", "num_unrelated_images",
-                      "diversity_ratio"}
+                      "diversity_ratio", "scene_agreement_same_seed", "open_attributes"}
+    assert 0 <= u["scene_agreement_same_seed"] <= 1
+    assert set(u["open_attributes"]["tv_per_attribute"]) == set(world.ATTRIBUTES)   # style-only prompts leave all open
+    assert 0 <= u["open_attributes"]["tv_distance"] <= 1 and 0 <= u["open_attributes"]["tv_noise_floor"] <= 1
     assert 0 <= u["unrelated_accuracy_base"] <= 1 and 0 <= u["unrelated_accuracy_erased"] <= 1
     assert u["num_unrelated_images"] == len(unrelated_prompts(["red", "star"]))
     assert u["frechet_oracle_features"] >= 0 and math.isfinite(u["frechet_oracle_features"])
@@ -133,6 +136,10 @@ def test_evaluate_toy_report_structure(tiny_pipeline):
         assert c["num_paraphrase_images"] == len(paraphrase_prompts(concept))
         assert sum(c["drawn_instead"].values()) == pytest.approx(1.0, abs=0.01)
         assert set(c["drawn_instead"]) <= set(world.VALUES[attr]) | {"none"}
+        assert c["anchor"] is None and c["open_attributes"]["reference"] == "base model, concept prompts"
+        assert attr not in c["open_attributes"]["tv_per_attribute"]       # the erased attribute is not "open"
+        assert "background" in c["open_attributes"]["tv_per_attribute"]
+        assert c["diversity_ratio_concept_prompts"] is None
 
     # the same model twice: nothing erased that was not already absent, nothing shifted
     same = strict_json(evaluate_toy(tiny_pipeline, tiny_pipeline, ["red"], seeds=2))
@@ -143,6 +150,29 @@ def test_evaluate_toy_report_structure(tiny_pipeline):
     assert same["unrelated"]["frechet_oracle_features"] == pytest.approx(0.0, abs=1e-6)
     assert same["unrelated"]["diversity_ratio"] == pytest.approx(1.0)
     assert same["unrelated"]["num_unrelated_images"] == 2 * len(unrelated_prompts(["red"]))
+    # collateral: the same model draws the same scenes, and its open attributes sit on the noise floor
+    assert same["unrelated"]["scene_agreement_same_seed"] == 1.0
+    for block in (same["unrelated"]["open_attributes"], c["open_attributes"]):
+        assert block["tv_distance"] == pytest.approx(block["tv_noise_floor"])
+    assert c["diversity_ratio_concept_prompts"] == pytest.approx(1.0)
+    # an anchor given: the reference is the base model on the anchor's prompts
+    anchored = evaluate_toy(tiny_pipeline, tiny_pipeline, ["red"], seeds=1, anchors={"red": "blue"})["concepts"]["red"]
+    assert anchored["anchor"] == "blue" and anchored["open_attributes"]["reference"] == "base model, anchor prompts"
+
+
+def test_total_variation_and_open_values():
+    from svare_core.erasure.evaluate import PromptSpec
+    from svare_core.toyworld.collateral import open_values, scene_agreement, total_variation
+
+    assert total_variation(["a", "a"], ["a", "a"]) == 0.0
+    assert total_variation(["a", "a"], ["b", "b"]) == 1.0
+    assert total_variation(["a", "b"], ["a", "a"]) == pytest.approx(0.5)
+    scene = {"shape": "star", "colour": "red", "style": "solid", "background": "gray"}
+    specs = [PromptSpec("a red star", {"shape": "star", "colour": "red"}), PromptSpec("a solid shape", {"style": "solid"})]
+    open_ = open_values([scene, scene, scene, {**scene, "style": "dotted"}], specs, seeds=2, skip=frozenset({"colour"}))
+    # the first prompt leaves style and background open, the second shape and background (colour skipped)
+    assert open_ == {"shape": ["star", "star"], "style": ["solid", "solid"], "background": ["gray"] * 4}
+    assert scene_agreement([scene, scene], [scene, {**scene, "background": "black"}]) == 0.5
 
 
 def test_quality_toy_structure(tiny_pipeline):

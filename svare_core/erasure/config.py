@@ -26,6 +26,11 @@ class Research:
     weight_decay: float = 0.005
     betas: tuple[float, float] = (0.9, 0.97)
     max_bad_steps: int = 10               # consecutive non-finite losses before giving up
+    aux_seeds: str = "per_prompt"         # per_prompt (each safe prompt its own seeds) | shared (seed, seed+1, ... for all)
+    adversarial_every: int = 10           # robust: steps between refreshes of the soft-prompt attack
+    adversarial_steps: int = 5            # robust: attack steps a refresh
+    adversarial_tokens: int = 2           # robust: soft tokens in place of the concept's
+    adversarial_lr: float = 0.05          # robust: attack step, in units of the embeddings' spread
 
 
 @dataclass
@@ -47,6 +52,7 @@ class EraseConfig:
     precision: str = "fp32"               # fp32 | bf16 (autocast on CUDA and on CPUs with bf16 instructions)
     gradient_checkpointing: bool = False
     cache_dir: str | None = None          # auxiliary-token cache
+    robust: bool = False                  # train against soft-prompt attacks too (erasure/robust.py)
     research: Research = field(default_factory=Research)
 
     def validate(self) -> None:
@@ -63,6 +69,14 @@ class EraseConfig:
         for name in ("method", "trainable", "lora_targets", "precision"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be text, got {getattr(self, name)!r}")
+        if not isinstance(self.robust, bool):
+            raise ValueError(f"robust is true or false, got {self.robust!r}")
+        if self.robust and self.method != "svare":
+            raise ValueError(f"robust erasure is an S-VARE option; method {self.method!r} has none")
+        if min(r.adversarial_every, r.adversarial_steps, r.adversarial_tokens) < 1 or r.adversarial_lr <= 0:
+            raise ValueError("adversarial_every, adversarial_steps, adversarial_tokens and adversarial_lr must be positive")
+        if not isinstance(r.aux_seeds, str):
+            raise ValueError(f"aux_seeds is text, got {r.aux_seeds!r}")
         if not isinstance(r.supervised_scales, str) or (r.preserve_cfg is not None and not isinstance(
                 r.preserve_cfg, (int, float))) or not (isinstance(r.betas, (tuple, list)) and len(r.betas) == 2
                                                        and all(isinstance(b, (int, float)) for b in r.betas)):
@@ -87,6 +101,8 @@ class EraseConfig:
             raise ValueError(f"preserve_cfg must be positive (1 = no guidance) or None, got {r.preserve_cfg}")
         if self.student_cfg <= 0:
             raise ValueError(f"student_cfg must be positive (1 = the plain conditional pass), got {self.student_cfg}")
+        if r.aux_seeds not in ("per_prompt", "shared"):
+            raise ValueError(f"aux_seeds must be 'per_prompt' or 'shared', got {r.aux_seeds!r}")
         if r.supervised_scales not in ("all", "first"):
             raise ValueError(f"supervised_scales must be 'all' or 'first', got {r.supervised_scales!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -106,8 +122,9 @@ class EraseConfig:
 
 
 _REAL = ("lr", "preservation_weight", "teacher_cfg", "student_cfg", "token_error_rate", "bit_threshold", "teacher_tau",
-         "aux_top_p", "esd_eta", "grad_clip", "weight_decay")
-_WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps")
+         "aux_top_p", "esd_eta", "grad_clip", "weight_decay", "adversarial_lr")
+_WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps",
+          "adversarial_every", "adversarial_steps", "adversarial_tokens")
 USER_OPTIONS = tuple(f.name for f in fields(EraseConfig) if f.name != "research")
 RESEARCH_OPTIONS = tuple(f.name for f in fields(Research))
 

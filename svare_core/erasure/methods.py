@@ -14,6 +14,7 @@ import torch
 from . import losses
 from .config import EraseConfig
 from .pairs import PromptPair
+from .robust import AdversarialPool
 from .run import ErasureRun
 
 
@@ -53,8 +54,12 @@ class SVARE(ErasureMethod):
 
         L_FCE = CE(student(c_u; x_s), y_s) on the tokens still drawn "unsafely"  (>= token_error_rate wrong bits)
         L_Pre = lambda * KL(frozen_cfg(c; x_c) || student(c; x_c)),  c in {c_s} + preservation prompts
+
+    Robust (``cfg.robust``): adversarial conditions found against the student during training join
+    the unsafe prompts of L_FCE (erasure/robust.py).
     """
     name = "svare"
+    _pool: AdversarialPool | None = None
 
     def preserve_prompts(self, cfg: EraseConfig, given: list[str]) -> list[str]:
         return list(dict.fromkeys(given)) if self._preserving(cfg) and cfg.preserve_per_step else []
@@ -64,6 +69,7 @@ class SVARE(ErasureMethod):
         return cfg.preservation_weight > 0
 
     def teacher_targets(self, run: ErasureRun) -> dict[str, torch.Tensor]:
+        self._pool = AdversarialPool(run) if run.cfg.robust else None
         if not self._preserving(run.cfg):
             return {}
         r = run.cfg.research
@@ -74,12 +80,15 @@ class SVARE(ErasureMethod):
 
     def step(self, run: ErasureRun, batch: list[PromptPair]) -> tuple[dict[str, float], bool]:
         cfg = run.cfg
-        _, x, y = run.aux_batch([p.safe for p in batch])
-        logits = run.student_logits([p.unsafe for p in batch], x, cfg.student_cfg)
+        erase_batch = batch + (self._pool.step(run, batch) if self._pool is not None else [])
+        _, x, y = run.aux_batch([p.safe for p in erase_batch])
+        logits = run.student_logits([p.unsafe for p in erase_batch], x, cfg.student_cfg)
         loss, kept = losses.filtered_ce(logits, y, bit_threshold=cfg.research.bit_threshold,
                                         token_error_rate=cfg.token_error_rate, token_mask=_supervised_mask(run))
         ok = run.optimize(loss)
         rec = {"kept_tokens": kept, "erase": loss.item()}
+        if self._pool is not None:
+            rec["adversarial_pairs"] = float(len(erase_batch) - len(batch))
         if self._preserving(cfg):
             pre = cfg.preservation_weight * losses.preservation_kl(*run.on_samples(self._preserve_batch(run, batch),
                                                                                    cfg.student_cfg))

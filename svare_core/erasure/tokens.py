@@ -56,11 +56,21 @@ def _read_cached(path: Path | None, length: int, bits: int) -> torch.Tensor | No
         return None
 
 
-def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
+def prompt_seeds(prompt: str, first: int, count: int) -> list[int]:
+    """``count`` seeds of the prompt's own: the first one offset by a hash of the prompt, so prompts that
+    share a seed list do not all draw the same noise (and the same open attributes: every "a blue ..."
+    striped on gray when all use seeds 0 and 1)."""
+    offset = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+    return [(first + offset) % 2**62 + i for i in range(count)]
+
+
+def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int] | Callable[[str], list[int]],
+                     settings: SamplerSettings,
                      scales, cache_dir: str | Path | None = None, fingerprint: str | None = None,
                      callback: Callable[[int, int], None] | None = None,
                      batch_size: int = 8) -> dict[str, AuxTokens]:
-    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model.
+    """Generate (or load from ``cache_dir``) one image per (prompt, seed) with the given model; ``seeds``
+    is one list for every prompt or a function giving each prompt its own (:func:`prompt_seeds`).
 
     Images not in the cache are drawn ``batch_size`` at a time (tokens only, no VAE decode); each
     keeps its own seed, so its bits are those of drawing it alone (tests/test_compute_reuse.py).
@@ -72,11 +82,12 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
     fingerprint = fingerprint or pipe.fingerprint()
     patch = pipe.vae.cfg.patch_size
     unique = list(dict.fromkeys(prompts))
+    seeds_of = seeds if callable(seeds) else (lambda prompt: seeds)
     length, bits = sum(h * w for h, w in scales), pipe.transformer.cfg.bits
     rows: dict[tuple[str, int], torch.Tensor] = {}
     paths: dict[tuple[str, int], Path | None] = {}
     for prompt in unique:
-        for seed in seeds:
+        for seed in seeds_of(prompt):
             key = _cache_key(fingerprint, prompt, seed, settings, scales)
             paths[prompt, seed] = path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
             cached = _read_cached(path, length, bits)
@@ -108,7 +119,7 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
             callback(done, total)
     out: dict[str, AuxTokens] = {}
     for prompt in unique:
-        prompt_bits = torch.cat([rows[prompt, seed].float() for seed in seeds])
+        prompt_bits = torch.cat([rows[prompt, seed].float() for seed in seeds_of(prompt)])
         per_scale = list(torch.split(prompt_bits, [h * w for h, w in scales], dim=1))
         inputs, _ = teacher_forcing_inputs(per_scale, scales, patch)
         out[prompt] = AuxTokens(prompt_bits, inputs)

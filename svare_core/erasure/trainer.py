@@ -23,7 +23,7 @@ from .methods import method_for
 from .pairs import PromptPair, validate_pairs
 from .patches import ErasurePatch, applied
 from .run import ErasureRun
-from .tokens import auxiliary_tokens
+from .tokens import auxiliary_tokens, prompt_seeds
 from .trainable import add_lora, dense_parameters, remove_lora
 
 
@@ -88,9 +88,10 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
         r = cfg.research
         aux_settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
         fingerprint = pipe.fingerprint()
-        run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=[cfg.seed + i for i in range(cfg.aux_samples)],
-                                   settings=aux_settings, scales=scales, cache_dir=cfg.cache_dir,
-                                   fingerprint=fingerprint, callback=targets_callback,
+        seeds = ((lambda prompt: prompt_seeds(prompt, cfg.seed, cfg.aux_samples)) if r.aux_seeds == "per_prompt"
+                 else [cfg.seed + i for i in range(cfg.aux_samples)])
+        run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=seeds, settings=aux_settings, scales=scales,
+                                   cache_dir=cfg.cache_dir, fingerprint=fingerprint, callback=targets_callback,
                                    batch_size=aux_batch_size(pipe, cfg, scales))
         run.params, lora = _trainable(student, cfg)
         decay = [p for p in run.params.values() if p.dim() >= 2]

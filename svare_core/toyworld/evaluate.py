@@ -10,6 +10,10 @@ On the toy world the oracle knows what every image shows, so each number is exac
 - diversity: mean pairwise pixel distance between seeds of one prompt, erased / base
 - robustness: the erasure rate on prompts that paraphrase the concept (synonyms never trained on),
   and on fully specified prompts (every attribute and the background) that no training pair names
+- collateral (toyworld/collateral.py): the attributes a prompt leaves open, as a total-variation
+  distance next to its noise floor (erased concept prompts against the base model on the anchor
+  prompts; erased against base on unrelated prompts); same-seed agreement of the whole scene on
+  unrelated prompts; seed diversity on concept prompts, erased / base on the anchor prompts
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from ..erasure.pairs import mentions
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings
 from . import world
+from .collateral import OTHER_SEEDS, distance_report, open_values, scene_agreement
 from .oracle import Oracle, attribute_of
 from .pairs import toy_training_scenes
 
@@ -95,9 +100,22 @@ def _features(oracle: Oracle, images: np.ndarray) -> np.ndarray:
     return np.concatenate([scores[a] for a in world.ATTRIBUTES], axis=1)
 
 
+def anchor_of(erased: VARPipeline, concept: str) -> str | None:
+    """The value the erased model was trained to draw instead of ``concept``, read from its patches'
+    pairs ("a red shape" => "a blue shape"); None when no patch records it."""
+    attr = attribute_of(concept)
+    for patch, _ in erased.patches:
+        for unsafe, safe in patch.meta.get("pairs", []):
+            if unsafe == world.full_caption(**{attr: concept}):
+                return next((v for v in world.VALUES[attr] if safe == world.full_caption(**{attr: v})), None)
+    return None
+
+
 def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *, seeds: int = 4, seed: int = 1000,
-                 settings: SamplerSettings | None = None) -> dict:
-    """The erasure report for toy-world concepts (see the module docstring)."""
+                 settings: SamplerSettings | None = None, anchors: dict[str, str] | None = None) -> dict:
+    """The erasure report for toy-world concepts (see the module docstring). ``anchors``: concept ->
+    the value drawn instead (default: what the erased model's patches record; without one the
+    open attributes are compared with the base model's on the concept prompts)."""
     for concept in concepts:                 # an unknown name fails now, not after the unrelated images
         attribute_of(concept)
     settings = settings or SamplerSettings()
@@ -108,6 +126,7 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
     base_u = sample_images(base, unrelated, seeds, settings, seed)
     erased_u = sample_images(erased, unrelated, seeds, settings, seed)
     read_bu, read_eu = oracle.read(base_u), oracle.read(erased_u)
+    read_bu2 = oracle.read(sample_images(base, unrelated, seeds, settings, seed + OTHER_SEEDS))
     acc_bu, acc_eu = _accuracy(read_bu, unrelated, seeds), _accuracy(read_eu, unrelated, seeds)
     shared = {
         "unrelated_accuracy_base": acc_bu, "unrelated_accuracy_erased": acc_eu,
@@ -115,6 +134,9 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
         "frechet_oracle_features": frechet_distance(_features(oracle, base_u), _features(oracle, erased_u)),
         "diversity_base": diversity(base_u, seeds), "diversity_erased": diversity(erased_u, seeds),
         "num_unrelated_images": int(len(base_u)),
+        "scene_agreement_same_seed": scene_agreement(read_eu, read_bu),
+        "open_attributes": distance_report(open_values(read_eu, unrelated, seeds), open_values(read_bu2, unrelated, seeds),
+                                           open_values(read_bu, unrelated, seeds)),
     }
     shared["diversity_ratio"] = (shared["diversity_erased"] / max(shared["diversity_base"], 1e-9)
                                  if seeds > 1 else None)
@@ -130,6 +152,17 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
         ru = oracle.read(sample_images(erased, unseen, seeds, settings, seed)) if unseen else []
         rbu = oracle.read(sample_images(base, unseen, seeds, settings, seed)) if unseen else []
         absent = lambda rs: float(np.mean([r[attr] != concept for r in rs]))  # noqa: E731
+        anchor = (anchors or {}).get(concept) or anchor_of(erased, concept)
+        # Open attributes: the erased concept prompts against the base model's anchor prompts, drawn on
+        # another seed range; the floor is the base model's anchor prompts on both ranges.
+        ref_specs = concept_prompts(anchor) if anchor else specs
+        ref = sample_images(base, ref_specs, seeds, settings, seed) if anchor else base_c
+        ref_other = sample_images(base, ref_specs, seeds, settings, seed + OTHER_SEEDS)
+        skip = frozenset({attr})
+        collateral = distance_report(open_values(re_, specs, seeds, skip),
+                                     open_values(oracle.read(ref_other), ref_specs, seeds, skip),
+                                     open_values(oracle.read(ref), ref_specs, seeds, skip))
+        div_e, div_ref = diversity(erased_c, seeds), diversity(ref, seeds)
         # Other attributes only; with several concepts erased at once, "a red star" no longer has to
         # show a star either.
         gone = frozenset(concepts)
@@ -148,6 +181,11 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
             "other_attributes_accuracy_base": acc_b, "other_attributes_accuracy_erased": acc_e,
             "preservation_on_concept_prompts": acc_e / max(acc_b, 1e-9),
             "drawn_instead": _histogram([r[attr] for r in re_]),
+            "anchor": anchor,
+            "open_attributes": {"reference": "base model, anchor prompts" if anchor else "base model, concept prompts",
+                                **collateral},
+            "diversity_concept_prompts_erased": div_e, "diversity_concept_prompts_reference": div_ref,
+            "diversity_ratio_concept_prompts": div_e / max(div_ref, 1e-9) if seeds > 1 else None,
             "num_images": int(len(erased_c)), "num_paraphrase_images": int(len(erased_p)),
         }
     return report

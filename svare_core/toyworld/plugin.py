@@ -20,10 +20,14 @@ WEIGHTS = Path(__file__).parent / "weights" / "toyworld.safetensors"
 # Losses on the guided logits (student_cfg = the sampler's CFG): trained on the plain conditional pass,
 # the student's small errors came out of CFG 3 amplified (washed-out, wrongly styled images for erased
 # prompts; the "an outlined red shape" of tuning), and seed diversity fell to 0.6-0.8 of the base's.
+# 8 training images per safe prompt, each prompt with seeds of its own (was 2, the same two for every
+# prompt): the targets are the base model's distribution of the attributes a prompt leaves open only
+# with enough images (open style of the anchor prompts' targets: total-variation distance 0.23 from the
+# base model's own with 2 shared seeds, 0.31 with 2 own seeds, 0.04 with 8; docs/results.md).
 TOYWORLD = Family(
     "toyworld", "the bundled toy model of shapes, colours and styles (64 px)",
     sampler=SamplerSettings(cfg=3.0, tau=1.0, top_k=0, top_p=0.0),
-    erase=EraseConfig(steps=200, lr=1e-3, trainable="xattn", teacher_cfg=3.0, student_cfg=3.0, aux_samples=2,
+    erase=EraseConfig(steps=200, lr=1e-3, trainable="xattn", teacher_cfg=3.0, student_cfg=3.0, aux_samples=8,
                       pairs_per_step=8, token_error_rate=0.03, preservation_weight=1.0),
     pair_kind="toy", evaluation="toyworld")
 
