@@ -14,7 +14,7 @@ import svare_core
 from svare_core.erasure import EraseConfig, apply_patch, erase, expand_concept, losses, trainer, with_options
 from svare_core.erasure.run import ErasureRun
 from svare_core.erasure import tokens as tokens_module
-from svare_core.erasure.tokens import auxiliary_tokens
+from svare_core.erasure.tokens import auxiliary_tokens, prompt_seeds
 from svare_core.erasure.trainable import DENSE_SETS, LORA_TARGETS
 from svare_core.models.infinity import Infinity
 from svare_core.models.vae import BSQVAE
@@ -361,7 +361,6 @@ def test_aux_token_cache(tiny_pipeline, tmp_path, monkeypatch):
     files = set(cache.glob("*.safetensors"))
     assert len(files) == len(PAIRS)                       # one per (safe prompt, seed)
     assert not list(cache.glob("*.tmp"))
-    from svare_core.erasure.tokens import prompt_seeds
 
     seeds = prompt_seeds(PAIRS[0].safe, 0, 1)             # the seed the run drew it with
     cached = auxiliary_tokens(tiny_pipeline, [PAIRS[0].safe], seeds=seeds, cache_dir=cache, scales=TINY_SCALES,
@@ -455,7 +454,9 @@ def test_svare_erases_the_pair_and_preserves_the_safe_prompt(tiny_pipeline):
     0.146 (VARE). The bounds below leave about 1.5-3x margin."""
     pipe, scales = tiny_pipeline, TINY_SCALES
     settings = SamplerSettings(cfg=4.0, tau=1.0, top_p=0.97)      # the trainer's teacher sampling (defaults)
-    aux = auxiliary_tokens(pipe, [p.safe for p in PAIRS], seeds=[0], settings=settings, scales=scales)
+    # measured on the first training image of each safe prompt (the run draws them with the prompt's own seeds)
+    aux = auxiliary_tokens(pipe, [p.safe for p in PAIRS], seeds=lambda prompt: prompt_seeds(prompt, 0, 1),
+                           settings=settings, scales=scales)
     x = torch.cat([aux[p.safe].inputs for p in PAIRS])
     y = torch.cat([aux[p.safe].bits for p in PAIRS])
     unsafe, safe = [p.unsafe for p in PAIRS], [p.safe for p in PAIRS]
@@ -554,17 +555,15 @@ def test_drawing_the_targets_reports_progress_and_can_be_cancelled(tiny_pipeline
 def test_auxiliary_seeds_are_per_prompt(tiny_pipeline, monkeypatch):
     """Each safe prompt draws its training targets with seeds of its own (shared seeds gave every
     safe prompt the same noise, so the same open attributes); 'shared' keeps the old behaviour."""
-    from svare_core.erasure.tokens import prompt_seeds
-
     a, b = prompt_seeds("a blue shape", 0, 3), prompt_seeds("a blue circle", 0, 3)
     assert a == prompt_seeds("a blue shape", 0, 3) and len(set(a)) == 3 and not set(a) & set(b)
     assert prompt_seeds("a blue shape", 5, 1)[0] == a[0] + 5
     drawn = []
     original = tokens_module.generate
 
-    def spy(pipe, prompts, *, seed, **kw):
-        drawn.append((prompts[0], seed))
-        return original(pipe, prompts, seed=seed, **kw)
+    def spy(pipe, prompts, *, seeds, **kw):                # images are drawn in batches, each with its seed
+        drawn.extend(zip(prompts, seeds))
+        return original(pipe, prompts, seeds=seeds, **kw)
 
     monkeypatch.setattr(tokens_module, "generate", spy)
     run(tiny_pipeline, steps=1, aux_samples=2, preservation_weight=0)
