@@ -102,9 +102,11 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // Opens the frontend in a fresh headless Chromium profile (only loopback requests allowed; page
 // errors, console errors and blocked URLs recorded in `out`), waits until `ready` holds in the page,
-// runs fn(page), then closes the browser and removes the profile.
-async function withApp(url, out, fn, ready = () => window.app && window.app.graph && window.app.canvas &&
-    window.LiteGraph && Object.keys(window.LiteGraph.registered_node_types || {}).length > 0) {
+// (after before(page), if given, has attached its listeners) runs fn(page), then closes the browser and removes the profile.
+const graphReady = () => window.app && window.app.graph && window.app.canvas &&
+  window.LiteGraph && Object.keys(window.LiteGraph.registered_node_types || {}).length > 0;
+
+async function withApp(url, out, fn, { ready = graphReady, before = null } = {}) {
   const { chromium } = (await loadPlaywright()).pw;
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'svare-chromium-'));
   const context = await chromium.launchPersistentContext(userDataDir, {
@@ -120,6 +122,7 @@ async function withApp(url, out, fn, ready = () => window.app && window.app.grap
     const page = context.pages()[0] ?? await context.newPage();
     page.on('pageerror', (e) => out.page_errors.push(String(e && e.stack || e).slice(0, 1500)));
     page.on('console', (m) => { if (m.type() === 'error') out.console_errors.push(m.text()); });
+    if (before) before(page);
     await page.goto(url, { waitUntil: 'domcontentloaded', timeout: 120000 });
     await page.waitForFunction(ready, null, { timeout: 120000, polling: 250 });
     await sleep(1000);
@@ -140,15 +143,15 @@ async function newNodes(url, types) {
   const out = { ok: false, nodes: [], page_errors: [], console_errors: [], blocked: [], error: null };
   await withApp(url, out, async (page) => {
     out.nodes = await page.evaluate((types) => {
-      const app = window.app;
-      app.graph.clear();
-      return types.map((type) => {
-        const node = window.LiteGraph.createNode(type);
-        if (!node) return { type, created: false, controls: [] };
-        app.graph.add(node);
-        return { type, created: true, controls: (node.widgets || [])
-          .filter((w) => w.name === 'control_after_generate').map((w) => w.value) };
-      });
+    const app = window.app;
+    app.graph.clear();
+    return types.map((type) => {
+      const node = window.LiteGraph.createNode(type);
+      if (!node) return { type, created: false, controls: [] };
+      app.graph.add(node);
+      return { type, created: true, controls: (node.widgets || [])
+        .filter((w) => w.name === 'control_after_generate').map((w) => w.value) };
+    });
     }, types);
     out.ok = out.nodes.length > 0 && out.nodes.every((n) => n.created);
   });
@@ -166,37 +169,37 @@ async function cancelDuringFirstPhase(url, workflowPath, nodeId, trainSteps) {
   const workflow = JSON.parse(fs.readFileSync(workflowPath, 'utf8'));
   await withApp(url, out, async (page) => {
     const res = await page.evaluate(async ({ wf, nodeId, trainSteps }) => {
-      const app = window.app;
-      await app.loadGraphData(wf, true, true, 'svare-cancel-test');
-      const p = await app.graphToPrompt();
-      const seen = [];
-      let sentAt = null;
-      const ended = new Promise((resolve) => {
-        app.api.addEventListener('progress', async (e) => {
-          const d = e.detail;
-          if (String(d.node) !== String(nodeId) || sentAt !== null) return;
-          seen.push({ value: d.value, max: d.max });
-          if (d.max !== trainSteps) {
-            sentAt = performance.now();
-            await fetch('/interrupt', { method: 'POST' });
-          }
-        });
-        for (const kind of ['execution_interrupted', 'execution_error', 'execution_success']) {
-          app.api.addEventListener(kind, () => resolve({ kind, at: performance.now() }));
+    const app = window.app;
+    await app.loadGraphData(wf, true, true, 'svare-cancel-test');
+    const p = await app.graphToPrompt();
+    const seen = [];
+    let sentAt = null;
+    const ended = new Promise((resolve) => {
+      app.api.addEventListener('progress', async (e) => {
+        const d = e.detail;
+        if (String(d.node) !== String(nodeId) || sentAt !== null) return;
+        seen.push({ value: d.value, max: d.max });
+        if (d.max !== trainSteps) {
+          sentAt = performance.now();
+          await fetch('/interrupt', { method: 'POST' });
         }
       });
-      const resp = await fetch('/prompt', {
-        method: 'POST', headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ prompt: p.output, client_id: app.api.clientId ?? app.api.initialClientId }),
-      });
-      const body = await resp.json();
-      const timeout = new Promise((resolve) => setTimeout(() => resolve({ kind: 'timeout', at: null }), 600000));
-      const end = await Promise.race([ended, timeout]);
-      return { prompt_id: body.prompt_id ?? null, seen, ended_by: end.kind,
-        interrupted_after_ms: sentAt !== null && end.at !== null ? end.at - sentAt : null };
+      for (const kind of ['execution_interrupted', 'execution_error', 'execution_success']) {
+        app.api.addEventListener(kind, () => resolve({ kind, at: performance.now() }));
+      }
+    });
+    const resp = await fetch('/prompt', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ prompt: p.output, client_id: app.api.clientId ?? app.api.initialClientId }),
+    });
+    const body = await resp.json();
+    const timeout = new Promise((resolve) => setTimeout(() => resolve({ kind: 'timeout', at: null }), 600000));
+    const end = await Promise.race([ended, timeout]);
+    return { prompt_id: body.prompt_id ?? null, seen, ended_by: end.kind,
+      interrupted_after_ms: sentAt !== null && end.at !== null ? end.at - sentAt : null };
     }, { wf: workflow, nodeId, trainSteps });
     Object.assign(out, { prompt_id: res.prompt_id, progress_before: res.seen, ended_by: res.ended_by,
-      interrupted_after_ms: res.interrupted_after_ms });
+    interrupted_after_ms: res.interrupted_after_ms });
     out.ok = res.ended_by === 'execution_interrupted' && res.interrupted_after_ms !== null;
   });
   process.stdout.write(JSON.stringify(out) + '\n');
@@ -206,31 +209,12 @@ async function cancelDuringFirstPhase(url, workflowPath, nodeId, trainSteps) {
 async function templates(url, module, screenshot) {
   const out = { ok: false, cards: [], thumbnail_responses: [], page_errors: [], console_errors: [], blocked: [],
     screenshots: [], error: null };
-  const { chromium } = (await loadPlaywright()).pw;
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'svare-chromium-'));
-  const context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: chromiumPath(), headless: true, args: CHROMIUM_ARGS, viewport: { width: 1600, height: 1000 },
+  const before = (page) => page.on('response', (r) => {
+    if (r.url().includes(`/workflow_templates/${encodeURIComponent(module)}/`)) {
+      out.thumbnail_responses.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] || '' });
+    }
   });
-  try {
-    await context.route('**/*', (route) => {
-      const u = route.request().url();
-      if (isLocal(u)) return route.continue();
-      out.blocked.push(u);
-      return route.abort();
-    });
-    const page = context.pages()[0] ?? await context.newPage();
-    page.on('pageerror', (e) => out.page_errors.push(String(e && e.stack || e).slice(0, 1500)));
-    page.on('console', (m) => { if (m.type() === 'error') out.console_errors.push(m.text()); });
-    page.on('response', (r) => {
-      if (r.url().includes(`/workflow_templates/${encodeURIComponent(module)}/`)) {
-        out.thumbnail_responses.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] || '' });
-      }
-    });
-    await page.goto(url, { waitUntil: 'domcontentloaded', timeout: 120000 });
-    await page.waitForFunction(() => window.app && window.app.graph && window.app.extensionManager,
-      null, { timeout: 120000, polling: 250 });
-    await sleep(1000);
-    await page.keyboard.press('Escape').catch(() => {});
+  await withApp(url, out, async (page) => {
     await sleep(500);
     await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates'));
     await page.waitForSelector('[data-testid="template-workflows-content"]', { timeout: 60000 });
@@ -258,12 +242,7 @@ async function templates(url, module, screenshot) {
       out.screenshots.push(screenshot);
     }
     out.ok = out.cards.length > 0 && out.cards.every((c) => c.loaded);
-  } catch (e) {
-    out.error = String(e && e.stack || e);
-  } finally {
-    await context.close().catch(() => {});
-    fs.rmSync(userDataDir, { recursive: true, force: true });
-  }
+  }, { ready: () => window.app && window.app.graph && window.app.extensionManager, before });
   process.stdout.write(JSON.stringify(out) + '\n');
   process.exit(out.ok ? 0 : 1);
 }
@@ -280,33 +259,7 @@ async function main() {
     api_prompt: null, history_status: null, page_errors: [], console_errors: [], screenshots: [],
     blocked: [], error: null };
   const workflow = JSON.parse(fs.readFileSync(args.workflowPath, 'utf8'));
-  const { chromium } = (await loadPlaywright()).pw;
-  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'svare-chromium-'));
-  const context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: chromiumPath(),
-    headless: true,
-    args: CHROMIUM_ARGS,
-    viewport: { width: 1600, height: 1000 },
-  });
-  try {
-    await context.route('**/*', (route) => {
-      const u = route.request().url();
-      if (isLocal(u)) return route.continue();
-      out.blocked.push(u);
-      return route.abort();
-    });
-    const page = context.pages()[0] ?? await context.newPage();
-    page.on('pageerror', (e) => out.page_errors.push(String(e && e.stack || e).slice(0, 1500)));
-    page.on('console', (m) => { if (m.type() === 'error') out.console_errors.push(m.text()); });
-    await page.goto(args.url, { waitUntil: 'domcontentloaded', timeout: 120000 });
-    // The frontend sets window.app once the graph canvas and node definitions are ready.
-    await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas &&
-      window.LiteGraph && Object.keys(window.LiteGraph.registered_node_types || {}).length > 0,
-      null, { timeout: 120000, polling: 250 });
-    await sleep(1000);
-    // Close any first-run dialog (templates browser etc.) so screenshots show the graph.
-    await page.keyboard.press('Escape').catch(() => {});
-
+  await withApp(args.url, out, async (page) => {
     const res = await page.evaluate(async ({ wf, queue }) => {
       const app = window.app;
       const known = window.LiteGraph.registered_node_types;
@@ -366,12 +319,7 @@ async function main() {
     out.ok = out.missing_node_types.length === 0 &&
       (!args.queue || (out.status === 200 && !!out.prompt_id)) &&
       (!(args.wait > 0 && out.prompt_id) || (out.history_status && out.history_status.status_str === 'success'));
-  } catch (e) {
-    out.error = String(e && e.stack || e);
-  } finally {
-    await context.close().catch(() => {});
-    fs.rmSync(userDataDir, { recursive: true, force: true });
-  }
+  });
   process.stdout.write(JSON.stringify(out) + '\n');
   process.exit(out.ok ? 0 : 1);
 }
