@@ -229,6 +229,21 @@ def erasure(args) -> None:
 
 # -- matmul ------------------------------------------------------------------------------------------------------------
 def matmul(args) -> None:
+    torch_threads(args.threads)
+    print(f"matmul, {args.threads} thread(s), load before: {load_average()}")
+    for row in matmul_rows(args.repeats):
+        print(json.dumps(row))
+    print(f"load after: {load_average()}")
+
+
+def torch_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+def matmul_rows(repeats: int) -> list[dict]:
+    """The CPU's linear throughput (kernels.measure_cpu_linears), then the medium sampler's FLOPs (counted),
+    seconds and achieved GFLOP/s in fp32 and bf16, each as a share of the same precision's linear limit."""
     import torch
     from bench_sampling import CFG, TAU, _our_pipeline
     from torch.utils.flop_counter import FlopCounterMode
@@ -236,10 +251,8 @@ def matmul(args) -> None:
     from svare_core import kernels
     from svare_core.sampling import SamplerSettings, generate
 
-    torch.set_num_threads(args.threads)
-    print(f"matmul, {args.threads} thread(s), load before: {load_average()}")
     limits = kernels.measure_cpu_linears()
-    print(json.dumps(limits))
+    rows = [{"limits": limits, "onednn_pays": kernels.onednn_pays(limits)}]
     job = {"config": "medium", "device": "cpu", "batch": 1}
     pipe, scales, prompts = _our_pipeline(job)
     settings = SamplerSettings(cfg=CFG, tau=TAU)
@@ -250,12 +263,36 @@ def matmul(args) -> None:
         with FlopCounterMode(display=False) as counter:
             run()
         flops = counter.get_total_flops()
-        secs = statistics.median(interleaved({"x": run}, args.repeats)["x"])
+        secs = statistics.median(interleaved({"x": run}, repeats)["x"])
         achieved = flops / secs / 1e9
-        print(json.dumps({"sampler": f"medium {key}", "gflop_per_image": round(flops / 1e9, 3),
-                          "s_per_image": round(secs, 4), "achieved_gflops": round(achieved, 1),
-                          "share_of_matmul_limit": round(achieved / limits[key]["gflops"], 3)}))
-    print(f"load after: {load_average()}")
+        rows.append({"sampler": f"medium {key}", "gflop_per_image": round(flops / 1e9, 3),
+                     "s_per_image": round(secs, 4), "achieved_gflops": round(achieved, 1),
+                     "share_of_matmul_limit": round(achieved / limits[key]["gflops"], 3)})
+    rows.append(bf16_accuracy(pipe, prompts, scales, settings))
+    return rows
+
+
+def bf16_accuracy(pipe, prompts, scales, settings) -> dict:
+    """bf16's accuracy cost on one fp32 draw: both models teacher-forced on the fp32 draw's tokens, their
+    conditional logits compared (largest and mean error, share of bit decisions that agree)."""
+    import torch
+
+    from svare_core.models.bitwise import teacher_forcing_inputs
+    from svare_core.sampling import generate
+
+    model = pipe.transformer
+    half = _cast(model, torch.bfloat16)
+    bits = generate(pipe, prompts, seed=0, settings=settings, scales=scales, decode=False, return_logits=True).bits
+    x, _ = teacher_forcing_inputs(bits, scales)
+    feats, mask = pipe.encode_prompts(prompts)
+    with torch.no_grad():
+        full = model(model.encode_text(feats, mask), x, scales).float()
+        low = half(half.encode_text(feats, mask), x.bfloat16(), scales).float()
+    err = (full - low).abs()
+    agree = ((full[..., 1] > full[..., 0]) == (low[..., 1] > low[..., 0])).float().mean()
+    return {"bf16_accuracy": "medium, teacher-forced on an fp32 draw", "max_logit_error": round(float(err.max()), 4),
+            "mean_logit_error": round(float(err.mean()), 5), "mean_abs_logit": round(float(full.abs().mean()), 4),
+            "bit_decisions_agree": round(float(agree), 5)}
 
 
 # -- passes ------------------------------------------------------------------------------------------------------------
