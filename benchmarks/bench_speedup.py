@@ -229,6 +229,21 @@ def erasure(args) -> None:
 
 # -- matmul ------------------------------------------------------------------------------------------------------------
 def matmul(args) -> None:
+    torch_threads(args.threads)
+    print(f"matmul, {args.threads} thread(s), load before: {load_average()}")
+    for row in matmul_rows(args.repeats):
+        print(json.dumps(row))
+    print(f"load after: {load_average()}")
+
+
+def torch_threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+def matmul_rows(repeats: int) -> list[dict]:
+    """The CPU's linear throughput (kernels.measure_cpu_linears), then the medium sampler's FLOPs (counted),
+    seconds and achieved GFLOP/s in fp32 and bf16, each as a share of the same precision's linear limit."""
     import torch
     from bench_sampling import CFG, TAU, _our_pipeline
     from torch.utils.flop_counter import FlopCounterMode
@@ -236,10 +251,8 @@ def matmul(args) -> None:
     from svare_core import kernels
     from svare_core.sampling import SamplerSettings, generate
 
-    torch.set_num_threads(args.threads)
-    print(f"matmul, {args.threads} thread(s), load before: {load_average()}")
     limits = kernels.measure_cpu_linears()
-    print(json.dumps(limits))
+    rows = [{"limits": limits, "onednn_pays": kernels.onednn_pays(limits)}]
     job = {"config": "medium", "device": "cpu", "batch": 1}
     pipe, scales, prompts = _our_pipeline(job)
     settings = SamplerSettings(cfg=CFG, tau=TAU)
@@ -250,12 +263,36 @@ def matmul(args) -> None:
         with FlopCounterMode(display=False) as counter:
             run()
         flops = counter.get_total_flops()
-        secs = statistics.median(interleaved({"x": run}, args.repeats)["x"])
+        secs = statistics.median(interleaved({"x": run}, repeats)["x"])
         achieved = flops / secs / 1e9
-        print(json.dumps({"sampler": f"medium {key}", "gflop_per_image": round(flops / 1e9, 3),
-                          "s_per_image": round(secs, 4), "achieved_gflops": round(achieved, 1),
-                          "share_of_matmul_limit": round(achieved / limits[key]["gflops"], 3)}))
-    print(f"load after: {load_average()}")
+        rows.append({"sampler": f"medium {key}", "gflop_per_image": round(flops / 1e9, 3),
+                     "s_per_image": round(secs, 4), "achieved_gflops": round(achieved, 1),
+                     "share_of_matmul_limit": round(achieved / limits[key]["gflops"], 3)})
+    rows.append(bf16_accuracy(pipe, prompts, scales, settings))
+    return rows
+
+
+def bf16_accuracy(pipe, prompts, scales, settings) -> dict:
+    """bf16's accuracy cost on one fp32 draw: both models teacher-forced on the fp32 draw's tokens, their
+    conditional logits compared (largest and mean error, share of bit decisions that agree)."""
+    import torch
+
+    from svare_core.models.bitwise import teacher_forcing_inputs
+    from svare_core.sampling import generate
+
+    model = pipe.transformer
+    half = _cast(model, torch.bfloat16)
+    bits = generate(pipe, prompts, seed=0, settings=settings, scales=scales, decode=False, return_logits=True).bits
+    x, _ = teacher_forcing_inputs(bits, scales)
+    feats, mask = pipe.encode_prompts(prompts)
+    with torch.no_grad():
+        full = model(model.encode_text(feats, mask), x, scales).float()
+        low = half(half.encode_text(feats, mask), x.bfloat16(), scales).float()
+    err = (full - low).abs()
+    agree = ((full[..., 1] > full[..., 0]) == (low[..., 1] > low[..., 0])).float().mean()
+    return {"bf16_accuracy": "medium, teacher-forced on an fp32 draw", "max_logit_error": round(float(err.max()), 4),
+            "mean_logit_error": round(float(err.mean()), 5), "mean_abs_logit": round(float(full.abs().mean()), 4),
+            "bit_decisions_agree": round(float(agree), 5)}
 
 
 # -- passes ------------------------------------------------------------------------------------------------------------
@@ -291,7 +328,55 @@ def passes(args) -> None:
                           "two_over_one": round(med["two"] / med["one"], 3),
                           "bit_identical": bool(torch.equal(separate, batched)),
                           "max_logit_difference": float((separate - batched).abs().max())}))
+        print(json.dumps({"batch": batch, "student": _student_passes(model, cond, uncond, x, scales, args.repeats)}))
     print(f"load after: {load_average()}")
+
+
+def _student_passes(model, cond, uncond, x, scales, repeats: int) -> dict:
+    """The student's guided logits (CFG 3) as erasure trains them (cross-attention trainable, as on the toy
+    model), forward and backward: the conditional pass with gradient and the unconditional one without,
+    against both in one batched forward with the unconditional half detached. Time, activation memory kept
+    for backward (bytes autograd saves), and how far the gradients differ."""
+    import copy
+
+    import torch
+
+    from svare_core.erasure.losses import guided_logits
+    from svare_core.erasure.trainable import dense_parameters
+
+    student = copy.deepcopy(model).requires_grad_(False)
+    params = list(dense_parameters(student, "xattn").values())
+    for p in params:
+        p.requires_grad_(True)
+    both, xx = cond.cat(uncond), torch.cat([x, x])
+
+    def two():
+        c = student(cond, x, scales)
+        with torch.no_grad():
+            u = student(uncond, x, scales)
+        return guided_logits(c, u, 3.0)
+
+    def one():
+        c, u = student(both, xx, scales).chunk(2)
+        return guided_logits(c, u.detach(), 3.0)
+
+    def step(fn):
+        for p in params:
+            p.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = fn().square().mean()
+        loss.backward()
+        return sum(saved), [p.grad.clone() for p in params]
+
+    (saved_two, g_two), (saved_one, g_one) = step(two), step(one)
+    times = interleaved({"two": lambda: step(two), "one": lambda: step(one)}, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rel = max(float((a - b).norm() / a.norm()) for a, b in zip(g_two, g_one))
+    return {"two_passes_s": round(med["two"], 4), "one_batched_s": round(med["one"], 4),
+            "two_over_one": round(med["two"] / med["one"], 3), "saved_mb_two": round(saved_two / 2 ** 20, 1),
+            "saved_mb_one": round(saved_one / 2 ** 20, 1), "max_relative_grad_difference": rel}
 
 
 def main(argv=None) -> None:

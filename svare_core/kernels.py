@@ -88,6 +88,9 @@ def compile_transformer(model: torch.nn.Module, **compile_options) -> torch.nn.M
     compiler's reordering of float operations, not bit for bit.
     """
     eager = type(model.blocks[0]).forward
+    # Static shapes, one graph per scale's shape: with dynamic shapes torch 2.13's inductor fails to lower the
+    # blocks (measured on the CPU, tests/test_kernels.py), and every call would end up eager.
+    compile_options.setdefault("dynamic", False)
     runner = _Fallback(torch.compile(eager, **compile_options), eager)
     for block in model.blocks:
         block.forward = types.MethodType(runner, block)

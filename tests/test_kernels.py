@@ -4,8 +4,11 @@ that decides oneDNN for fp32 linears."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import warnings
 
+import pytest
 import torch
 
 from svare_core import kernels
@@ -36,6 +39,28 @@ def test_compiled_blocks_give_the_eager_results(tiny_pipeline):
     for a, b in zip(eager.logits, compiled.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(eager.bits, compiled.bits))
+
+
+# torch.compile's own compiler (inductor, C++ code on the CPU) fuses and reorders float work: the stated
+# tolerance on the logits of the tiny model. Compiling the tiny model's 8 graphs takes about 80 s on 2 cores,
+# too long for every run of the suite: SVARE_INDUCTOR_TEST=1 runs it (with torch 2.13 it passes; with dynamic
+# shapes, compile_transformer's old default, inductor's lowering failed and every call fell back to eager).
+COMPILED_MAX_LOGIT_ERROR = 1e-4
+
+
+@pytest.mark.skipif(not os.environ.get("SVARE_INDUCTOR_TEST"), reason="slow (about 80 s): SVARE_INDUCTOR_TEST=1")
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler on the CPU")
+def test_inductor_compiled_blocks_within_tolerance(tiny_pipeline):
+    eager = _draw(tiny_pipeline)
+    model = kernels.compile_transformer(copy.deepcopy(tiny_pipeline.transformer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a fallback to eager blocks would pass unseen otherwise
+        compiled = _draw(tiny_pipeline.with_transformer(model))
+    for a, b in zip(eager.logits, compiled.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=COMPILED_MAX_LOGIT_ERROR)
+    agree = torch.cat([a.eq(b).flatten() for a, b in zip(eager.bits, compiled.bits)]).float().mean().item()
+    assert agree >= 0.99, agree
 
 
 def test_a_failing_compile_falls_back_to_eager_blocks(tiny_pipeline):

@@ -128,12 +128,9 @@ class ESD(ErasureMethod):
 
     @torch.no_grad()
     def teacher_targets(self, run: ErasureRun) -> dict[str, torch.Tensor]:
-        frozen, out = run.frozen, {}
+        out = {}
         for p in {p.unsafe for p in run.pairs}:
-            x = run.aux[p].inputs.to(run.device)
-            feats, mask = run.pipe.encode_prompts([p] * len(x))
-            concept = frozen(frozen.encode_text(feats, mask), x, run.scales)
-            empty = frozen(frozen.encode_text(frozen.uncond_features(mask), mask), x, run.scales)
+            concept, empty = run.frozen_pair([p] * len(run.aux[p]), run.aux[p].inputs.to(run.device))
             out[p] = losses.esd_target(empty, concept, run.cfg.research.esd_eta).cpu()
         return out
 
