@@ -15,7 +15,8 @@ On two cores, the halves can run side by side (one thread each) and be joined:
     python benchmarks/bench_erasure.py --methods vare esd --out b.json; wait
     python benchmarks/bench_erasure.py --combine a.json b.json --out docs/erasure_results.json
 
-Prints a markdown table (the one in docs/results.md) and writes all numbers as JSON.
+Prints two markdown tables (the ones in docs/results.md: the numbers, and issue 15's targets
+against them, benchmarks/erasure_targets.py) and writes all numbers as JSON.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from erasure_targets import targets_table  # noqa: E402
 
 ANCHORS = {"red": "blue", "star": "circle", "striped": "solid"}
 # Rows of the table -> the erase command's method arguments.
@@ -121,6 +125,8 @@ def main() -> None:
                     report["attacks"][c] = run_attacks(base, erased, c, prompts, Judge("toyworld", c),
                                                        settings=settings, seed=args.attack_seed)
             rows.append({"method": method, "concepts": concepts, **cost, "report": report})
+            if args.out:       # each row as it comes: a run cut short keeps what it measured
+                _write_json(Path(args.out), {"rows": rows})
             print(f"{name}: {cost} " + ", ".join(f"{c}: {report['concepts'][c]['erasure_rate']:.1%}" for c in concepts),
                   flush=True)
     write_table(rows, args.out)
@@ -165,9 +171,16 @@ def write_table(rows: list[dict], out: str | None) -> None:
                 "-" if div is None else f"{div:.2f}", f"{r['seconds']:.0f}",
                 f"{r['cpu_seconds']:.0f}" if r.get("cpu_seconds") is not None else "-", f"{r['peak_rss_mb']:.0f} |"]))
     table = "\n".join(lines)
-    print(table)
+    targets = targets_table(rows)
+    print(table + "\n\n" + targets)
     if out:
-        Path(out).write_text(json.dumps({"rows": rows, "table": table}, indent=1))
+        _write_json(Path(out), {"rows": rows, "table": table, "targets": targets})
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

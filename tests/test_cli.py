@@ -146,15 +146,19 @@ def test_erase_usage_errors(model_file, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_demo(tmp_path):
+def test_demo(tmp_path, capsys):
     if not TOY_WEIGHTS.exists():
         pytest.skip("the bundled toy model is not trained yet")
     out = tmp_path / "demo"
     main(["demo", "--steps", "2", "--seeds", "1", "--grid-seeds", "1", "--attack-steps", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
     assert (out / "before_after.png").is_file() and (out / "erase_red.safetensors").is_file()
     report = strict_json((out / "report.json").read_text())
     assert "red" in report["concepts"] and report["train_seconds"] >= 0
     attack = report["soft_prompt_attack"]
     assert attack["steps"] == 2 and 0 <= attack["erased"] <= 1 and attack["num_images"] == 8
+    # The README says the demo prints the attack's result: the report's numbers, on both models.
+    assert (f"soft-prompt attack (2 steps): the concept back in {attack['erased']:.0%} of the erased model's images "
+            f"(base model: {attack['base']:.0%})") in printed
     from PIL import Image
     assert Image.open(out / "before_after.png").height > 7 * 64      # six prompt rows and the attack row
