@@ -46,8 +46,10 @@ def test_load_in_bf16(files, goldens, scales):  # noqa: F811
 def test_wrong_pairings_are_one_line(files):  # noqa: F811
     with pytest.raises(ModelLoadError, match="is a Switti transformer .*, not an Infinity BSQ VAE or a VAR multi-scale VQVAE"):
         load_switti(files["default"], files["ar"])
-    with pytest.raises(ModelLoadError, match="Switti transformer; its two CLIP text encoders"):
+    with pytest.raises(ModelLoadError, match="holds no VAE: .*Switti: VQVAE-Switti"):
         load_pipeline(files["default"])
+    with pytest.raises(ModelLoadError, match=r"reads 2 text encoders: give text_encoder=\(clip_l, clip_g\)"):
+        load_pipeline(files["default"], vae=files["vae"])
 
 
 def test_memory_budget_refuses_before_allocating(files, monkeypatch):  # noqa: F811
