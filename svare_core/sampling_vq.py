@@ -92,6 +92,12 @@ def gumbel_codes(logits: torch.Tensor, generators: list[torch.Generator], ratio:
     return ((x + noise) / tau).softmax(dim=-1).to(logits.device)
 
 
+def guidance_weight(si: int, n: int, s: VQSamplerSettings) -> float:
+    """t of scale si of n: cfg * si / (n - 1) on [cfg_start, cfg_stop), 0 elsewhere (the logits are then
+    (1 + t) cond - t uncond). Erasure's teacher guides with the same ramp (erasure/run.py)."""
+    return s.cfg * si / (n - 1) if s.cfg_start <= si < s.cfg_stop else 0.0
+
+
 def guide(logits: torch.Tensor, si: int, n: int, rows: int, s: VQSamplerSettings) -> torch.Tensor:
     """The logits a scale samples from: conditional rows, guided on [cfg_start, cfg_stop), tempered after."""
     if si >= s.cfg_stop:
@@ -99,7 +105,7 @@ def guide(logits: torch.Tensor, si: int, n: int, rows: int, s: VQSamplerSettings
     elif si < s.cfg_start or logits.shape[0] == rows:      # no unconditional rows (guidance never on)
         out = logits[:rows]
     else:
-        t = s.cfg * si / (n - 1)
+        t = guidance_weight(si, n, s)
         out = (1 + t) * logits[:rows] - t * logits[rows:]
     return out / s.tau if s.tau != 1.0 else out
 
@@ -168,4 +174,4 @@ def _from_base(settings: SamplerSettings | None) -> VQSamplerSettings:
 
 
 __all__ = ["VQSampleResult", "VQSamplerSettings", "draw_indices", "filter_top_k_top_p", "generate_vq", "gumbel_codes",
-           "guide"]
+           "guidance_weight", "guide"]

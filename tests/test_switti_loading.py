@@ -1,6 +1,6 @@
 """Loading Switti and its VQ-VAE like Infinity: streamed through the registry, in fp32 or bf16, with the
 memory check and one clear line for a wrong pairing; the family's sampler defaults; svare files
-round-trip the variant; erasure refuses Switti until it exists."""
+round-trip the variant."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 
-from svare_core.erasure.pairs import PromptPair
-from svare_core.erasure.trainer import erase
 from svare_core.loader import load_pipeline, load_switti
 from svare_core.models import ModelLoadError, load_transformer, load_vae
 from svare_core.models import registry
@@ -73,13 +71,6 @@ def test_family_defaults():
     assert (s.cfg, s.top_k, s.top_p, s.cfg_start, s.cfg_stop, s.final_tau, s.smooth, s.smooth_start) == (
         6.0, 400, 0.95, 0, 11, 0.1, True, 2)
     assert resolve_sampler("switti", cfg=4.0, top_k=None).cfg == 4.0
-
-
-def test_erasure_refused_for_now(files, goldens):  # noqa: F811
-    transformer, vae = load_switti(files["default"], files["vae"])
-    pipe = VARPipeline(transformer, vae, GoldenText(goldens), name="switti_tiny", family="switti")
-    with pytest.raises(ValueError, match="not available yet"):
-        erase(pipe, [PromptPair("p0", "p1")])
 
 
 def test_inspect_counts_parameters_not_the_mask(files, ref_config):  # noqa: F811

@@ -3,7 +3,8 @@
 A method says which prompts need auxiliary tokens, what the frozen model must compute once,
 and what one iteration does. The loop that runs them is erasure/trainer.py. Notation
 (erasure/losses.py has the formulas): c_u the unsafe prompt, c_s its safe anchor, x_s and y_s
-the teacher-forcing inputs and bits of an image the frozen model drew for c_s.
+the teacher-forcing inputs and labels (bits, or VQ code indices) of an image the frozen model drew
+for c_s.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ class SVARE(ErasureMethod):
         _, x, y = run.aux_batch([p.safe for p in batch])
         logits = run.student_logits([p.unsafe for p in batch], x, cfg.student_cfg)
         loss, kept = losses.filtered_ce(logits, y, bit_threshold=cfg.research.bit_threshold,
-                                        token_error_rate=cfg.token_error_rate, token_mask=_supervised_mask(run))
+                                        token_error_rate=cfg.token_error_rate, token_mask=_supervised_mask(run),
+                                        code_top_k=cfg.research.code_top_k)
         ok = run.optimize(loss)
         rec = {"kept_tokens": kept, "erase": loss.item()}
         if self._preserving(cfg):
@@ -119,12 +121,11 @@ class ESD(ErasureMethod):
 
     @torch.no_grad()
     def teacher_targets(self, run: ErasureRun) -> dict[str, torch.Tensor]:
-        frozen, out = run.frozen, {}
+        out = {}
         for p in {p.unsafe for p in run.pairs}:
             x = run.aux[p].inputs.to(run.device)
-            feats, mask = run.pipe.encode_prompts([p] * len(x))
-            concept = frozen(frozen.encode_text(feats, mask), x, run.scales)
-            empty = frozen(frozen.encode_text(frozen.uncond_features(mask), mask), x, run.scales)
+            concept = run.frozen_logits([p] * len(x), x, 1.0)
+            empty = run.frozen_unconditional_logits([p] * len(x), x)
             out[p] = losses.esd_target(empty, concept, run.cfg.research.esd_eta).cpu()
         return out
 

@@ -1,8 +1,8 @@
 """Auxiliary visual tokens (VARE): what the frozen model draws for the safe prompts.
 
-For each safe prompt the original model generates an image; its bits at every scale become the
-labels, and the teacher-forcing inputs derived from them become the context, of the erasure
-training under the unsafe prompt. They are computed once and cached on disk, keyed by the model
+For each safe prompt the original model generates an image; its tokens at every scale (bits for
+Infinity, hard VQ code indices for Switti) become the labels, and the teacher-forcing inputs
+derived from them become the context, of the erasure training under the unsafe prompt. They are computed once and cached on disk, keyed by the model
 fingerprint, prompt, seed, schedule and sampler settings.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,16 +21,42 @@ from ..models.bitwise import teacher_forcing_inputs
 from ..models.format import atomic_save_safetensors
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings, generate
+from ..sampling_vq import VQSamplerSettings
+from .config import EraseConfig
 
 
 @dataclass
 class AuxTokens:
-    """Bits (N, L, d) and teacher-forcing inputs (N, L-1, d) for N generated images."""
-    bits: torch.Tensor
+    """Labels and teacher-forcing inputs (N, L-1, d) for N generated images: bits (N, L, d) of a
+    bitwise model, code indices (N, L) of a VQ model."""
+    labels: torch.Tensor
     inputs: torch.Tensor
 
     def __len__(self) -> int:
-        return self.bits.shape[0]
+        return self.labels.shape[0]
+
+
+def _is_vq(pipe: VARPipeline) -> bool:
+    return getattr(pipe.transformer, "token_kind", "bits") == "vq"
+
+
+def aux_settings(pipe: VARPipeline, cfg: EraseConfig) -> SamplerSettings:
+    """The sampler that draws the auxiliary tokens: the teacher's guidance and temperature.
+
+    Bitwise models: top-p ``aux_top_p``, as the paper. A VQ model (Switti): its family's sampler (top-k,
+    top-p, the guidance ramp and its switch-off) with guidance ``teacher_cfg`` and hard codes at every
+    scale: the labels are hard indices and the student's inputs are rebuilt from them, so the teacher
+    must have drawn along that same path (Gumbel soft codes would have fed it another one)."""
+    r = cfg.research
+    if not _is_vq(pipe):
+        return SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
+    from ..settings import family_of                      # settings imports the erasure package
+    try:
+        base = family_of(pipe).sampler
+    except ValueError:
+        base = None
+    base = base if isinstance(base, VQSamplerSettings) else VQSamplerSettings()
+    return replace(base, cfg=cfg.teacher_cfg, tau=r.teacher_tau, smooth=False, negative_prompt=None)
 
 
 def _cache_key(fingerprint: str, prompt: str, seed: int, settings: SamplerSettings, scales) -> str:
@@ -39,21 +65,38 @@ def _cache_key(fingerprint: str, prompt: str, seed: int, settings: SamplerSettin
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _read_cached(path: Path | None, length: int, bits: int) -> torch.Tensor | None:
-    """A cache entry's bits (1, L, d), or None; an entry that cannot be read or does not fit (a truncated
-    file, another model's) is removed, named in a warning, and so recomputed: the cache heals itself."""
+def _read_cached(path: Path | None, key: str, shape: tuple[int, ...], values: int) -> torch.Tensor | None:
+    """A cache entry's labels of ``shape`` (each in [0, values)), or None; an entry that cannot be read or
+    does not fit (a truncated file, another model's) is removed, named in a warning, and so recomputed:
+    the cache heals itself."""
     if path is None or not path.exists():
         return None
     try:
-        value = load_file(str(path))["bits"]
-        if tuple(value.shape) != (1, length, bits) or not bool(((value == 0) | (value == 1)).all()):
-            raise ValueError(f"holds bits of shape {tuple(value.shape)}, expected {(1, length, bits)}")
-        return value.float()
+        value = load_file(str(path))[key]
+        if tuple(value.shape) != shape or not bool(((value >= 0) & (value < values)).all()):
+            raise ValueError(f"holds {key} of shape {tuple(value.shape)}, expected {shape} in [0, {values})")
+        return value.long() if key == "indices" else value.float()
     except Exception as e:  # noqa: BLE001 - any unreadable entry is dropped the same way
         warnings.warn(f"auxiliary-token cache entry {path} is unusable ({type(e).__name__}: {e}); "
                       "removed and recomputed", stacklevel=3)
         path.unlink(missing_ok=True)
         return None
+
+
+def _draw(pipe: VARPipeline, prompt: str, seed: int, settings: SamplerSettings, scales, on_scale) -> torch.Tensor:
+    """One image's labels (1, L): bits of every scale, or the hard code indices of every scale."""
+    res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False, callback=on_scale)
+    return torch.cat(res.indices if _is_vq(pipe) else res.bits, dim=1)
+
+
+def _inputs(pipe: VARPipeline, labels: torch.Tensor, scales) -> torch.Tensor:
+    """The teacher-forcing inputs (N, L-1, d) of labels (N, L[, d]): what the model saw when drawing them."""
+    per_scale = list(torch.split(labels, [h * w for h, w in scales], dim=1))
+    if _is_vq(pipe):
+        # the VQ-VAE's Phi convolutions make them: no graph to them (the inputs are reused every step)
+        with torch.no_grad():
+            return pipe.vae.teacher_forcing_inputs(per_scale, scales)[0].cpu()
+    return teacher_forcing_inputs(per_scale, scales, pipe.vae.cfg.patch_size)[0]
 
 
 def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int], settings: SamplerSettings,
@@ -65,7 +108,9 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
     images) and may raise to cancel: on a real model one image takes seconds to minutes.
     """
     fingerprint = fingerprint or pipe.fingerprint()
-    patch = pipe.vae.cfg.patch_size
+    length = sum(h * w for h, w in scales)
+    c = pipe.transformer.cfg
+    key, shape, values = ("indices", (1, length), c.vocab_size) if _is_vq(pipe) else ("bits", (1, length, c.bits), 2)
     out: dict[str, AuxTokens] = {}
     unique = list(dict.fromkeys(prompts))
     total, done = len(unique) * len(seeds), 0
@@ -73,21 +118,19 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int],
     for prompt in unique:
         rows = []
         for seed in seeds:
-            key = _cache_key(fingerprint, prompt, seed, settings, scales)
-            path = Path(cache_dir) / f"{key}.safetensors" if cache_dir else None
-            cached = _read_cached(path, sum(h * w for h, w in scales), pipe.transformer.cfg.bits)
+            name = _cache_key(fingerprint, prompt, seed, settings, scales)
+            path = Path(cache_dir) / f"{name}.safetensors" if cache_dir else None
+            cached = _read_cached(path, key, shape, values)
             if cached is None:
-                res = generate(pipe, [prompt], seed=seed, settings=settings, scales=scales, decode=False,
-                               callback=on_scale)
-                cached = torch.cat(res.bits, dim=1)
+                cached = _draw(pipe, prompt, seed, settings, scales, on_scale).cpu()
                 if path is not None:
-                    atomic_save_safetensors({"bits": cached.to(torch.uint8)}, path, {"prompt": prompt, "seed": str(seed)})
-            rows.append(cached.float())
+                    stored = cached.to(torch.int32 if key == "indices" else torch.uint8)
+                    atomic_save_safetensors({key: stored}, path, {"prompt": prompt, "seed": str(seed)})
+                cached = cached.long() if key == "indices" else cached.float()
+            rows.append(cached)
             done += 1
             if callback is not None:
                 callback(done, total)
-        bits = torch.cat(rows)
-        per_scale = list(torch.split(bits, [h * w for h, w in scales], dim=1))
-        inputs, _ = teacher_forcing_inputs(per_scale, scales, patch)
-        out[prompt] = AuxTokens(bits, inputs)
+        labels = torch.cat(rows)
+        out[prompt] = AuxTokens(labels, _inputs(pipe, labels, scales))
     return out
