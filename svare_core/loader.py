@@ -166,7 +166,8 @@ def _text_parts(arch, spec, path: Path) -> list[Path]:
 def _check_pooled_width(transformer, text, paths: list[Path]) -> None:
     want, got = getattr(transformer.cfg, "pooled_dim", None), getattr(text, "pooled_width", None)
     if want is not None and got != want:
-        raise ModelLoadError(f"{paths[1] if len(paths) > 1 else paths[0]}: gives a pooled vector {got} wide but the transformer reads {want}: "
+        where = paths[1] if len(paths) > 1 else paths[0]          # clip_g gives the pooled vector
+        raise ModelLoadError(f"{where}: gives a pooled vector {got} wide but the transformer reads {want}: "
                              "pair Switti with the released CLIP ViT-L/14 and OpenCLIP bigG towers")
 
 

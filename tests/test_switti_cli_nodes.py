@@ -120,3 +120,14 @@ def test_comfyui_clip_files_get_comfyui_s_tokenizer(tmp_path, monkeypatch):
         te / "clip_l.safetensors", te / "clip_g.safetensors", TEXT / "tokenizer_comfy")
     with pytest.raises(ValueError, match="plain file name"):
         loaders._text_encoder("../x + clip_g.safetensors")
+
+
+def test_erase_concept_node_on_switti_then_apply_and_sample(switti_pipe):  # noqa: F811
+    (patch, curve, report) = _run("SvareEraseConcept", **_inputs(
+        "SvareEraseConcept", model=switti_pipe, concept="red", anchor="blue", kind="object", steps=2,
+        learning_rate=1e-3, seed=1))
+    assert "erases red" in report and patch.base_fingerprint == switti_pipe.base_fingerprint
+    assert all(n.startswith("blocks.") for n in patch.delta_names()) and curve.shape[-1] == 3
+    (erased,) = _run("SvareApplyErasurePatch", **_inputs("SvareApplyErasurePatch", model=switti_pipe, patch=patch))
+    (images,) = _run("SvareVARSampler", **_inputs("SvareVARSampler", model=erased, prompt="a red cube", seed=4))
+    assert images.shape == (1, 64, 64, 3)

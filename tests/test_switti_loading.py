@@ -13,7 +13,6 @@ from svare_core.models import ModelLoadError, load_transformer, load_vae
 from svare_core.models import registry
 from svare_core.models.format import save_model
 from svare_core.models.registry import inspect_file
-from svare_core.pipeline import VARPipeline
 from svare_core.sampling_vq import VQSamplerSettings
 from svare_core.settings import get_family, resolve_sampler
 from tests.test_switti_parity import GoldenText, close, condition, files, goldens, ref_config, scales  # noqa: F401

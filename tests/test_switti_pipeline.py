@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from svare_core.loader import load_pipeline
 from svare_core.models import ModelLoadError

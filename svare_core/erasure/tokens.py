@@ -2,8 +2,9 @@
 
 For each safe prompt the original model generates an image; its tokens at every scale (bits for
 Infinity, hard VQ code indices for Switti) become the labels, and the teacher-forcing inputs
-derived from them become the context, of the erasure training under the unsafe prompt. They are computed once and cached on disk, keyed by the model
-fingerprint, prompt, seed, schedule and sampler settings.
+derived from them become the context, of the erasure training under the unsafe prompt. They are
+computed once and cached on disk, keyed by the model fingerprint, prompt, seed, schedule and
+sampler settings.
 """
 from __future__ import annotations
 
