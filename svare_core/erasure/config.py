@@ -17,7 +17,6 @@ METHOD_NAMES = ("svare", "vare", "esd")
 class Research:
     """Knobs for ablations and benchmarks, at the paper's values; users have no reason to change them."""
     bit_threshold: float = math.log(2)    # a bit is "wrong" when its CE is above this
-    code_top_k: int = 1                   # VQ tokens (Switti): a code is "wrong" when not among the top k
     supervised_scales: str = "all"        # all | first (SACE: confine the intervention to scale 0)
     preserve_cfg: float | None = None     # CFG of L_Pre's teacher alone (None: teacher_cfg, as the paper)
     teacher_tau: float = 1.0
@@ -74,8 +73,8 @@ class EraseConfig:
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.aux_samples < 1 or r.max_bad_steps < 1 or r.code_top_k < 1:
-            raise ValueError("aux_samples, max_bad_steps and code_top_k must be at least 1")
+        if self.aux_samples < 1 or r.max_bad_steps < 1:
+            raise ValueError("aux_samples and max_bad_steps must be at least 1")
         if self.teacher_cfg <= 0 or r.teacher_tau <= 0 or r.grad_clip <= 0:
             raise ValueError("teacher_cfg, teacher_tau and grad_clip must be positive")
         if self.preservation_weight < 0 or not 0 <= self.token_error_rate <= 1 or not 0 <= r.aux_top_p <= 1:
@@ -108,8 +107,7 @@ class EraseConfig:
 
 _REAL = ("lr", "preservation_weight", "teacher_cfg", "student_cfg", "token_error_rate", "bit_threshold", "teacher_tau",
          "aux_top_p", "esd_eta", "grad_clip", "weight_decay")
-_WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps",
-          "code_top_k")
+_WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps")
 USER_OPTIONS = tuple(f.name for f in fields(EraseConfig) if f.name != "research")
 RESEARCH_OPTIONS = tuple(f.name for f in fields(Research))
 

@@ -6,8 +6,8 @@ S-VARE (arXiv 2509.22400):
   l_tb   = -log p(y_tb | c_u, x)                      per token t, symbol b (bit; or the token's code)
   e_t    = share of the symbols of token t the model gets wrong:
              a bit is wrong when l_tb > ln 2 (the paper's rule: p(label) < 1/2, so not the argmax);
-             a code is wrong when it is not among the model's top-k codes (k = code_top_k, 1: not
-             the argmax, the same rule for a V-way symbol)
+             a code is wrong when it is not the model's most likely code (the same rule for a V-way
+             symbol; code_keep_mask also takes a top-k for experiments, S-VARE uses k = 1)
   m_t    = 1[e_t >= 0.25]                             (only still-"unsafe" tokens learn; one
                                                        V-way symbol: m_t = 1 iff its code is wrong)
   L_FCE  = mean_batch 1/L sum_t m_t 1/n_t sum_b l_tb  (normalised by ALL L tokens)

@@ -78,8 +78,7 @@ class SVARE(ErasureMethod):
         _, x, y = run.aux_batch([p.safe for p in batch])
         logits = run.student_logits([p.unsafe for p in batch], x, cfg.student_cfg)
         loss, kept = losses.filtered_ce(logits, y, bit_threshold=cfg.research.bit_threshold,
-                                        token_error_rate=cfg.token_error_rate, token_mask=_supervised_mask(run),
-                                        code_top_k=cfg.research.code_top_k)
+                                        token_error_rate=cfg.token_error_rate, token_mask=_supervised_mask(run))
         ok = run.optimize(loss)
         rec = {"kept_tokens": kept, "erase": loss.item()}
         if self._preserving(cfg):
