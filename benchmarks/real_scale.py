@@ -406,6 +406,45 @@ def _patch(f):
             "weight_bytes": sum(v.numel() * v.element_size() for v in base.values())}
 
 
+def _switti_erase_state(f):
+    """What erase() builds on Switti-1024 before its first step, with the family's recipe (bf16 weights,
+    LoRA rank 4 on the attention, bf16 training): the student (sharing the frozen tensors), its LoRA
+    factors and AdamW's state (one step on zero gradients makes the moments). Also the trainable counts of
+    every set, on the meta device. No forward pass: that is the GPU's job (gpu_check.sh)."""
+    from svare_core.erasure.trainable import DENSE_SETS, LORA_TARGETS, dense_parameters, lora_layers
+    from svare_core.erasure.trainer import _student_copy, _trainable
+    from svare_core.models import load_transformer
+    from svare_core.models.switti import Switti
+    from svare_core.settings import resolve_erase
+    t0 = time.time()
+    frozen = load_transformer(f["switti_1024"], dtype=torch.bfloat16)
+    load_s, rss_loaded = time.time() - t0, _rss_now()
+    cfg = resolve_erase("switti")
+    t1 = time.time()
+    student = _student_copy(frozen, cfg)
+    base = frozen.state_dict()
+    shared = sum(v.data_ptr() == base[k].data_ptr() for k, v in student.state_dict().items())
+    params, _ = _trainable(student, cfg)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.research.betas)
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    build_s = time.time() - t1
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                      if isinstance(t, torch.Tensor))
+    with torch.device("meta"):
+        meta = Switti(frozen.cfg)
+    return {"seconds": build_s, "load_seconds": load_s, "rss_after_load_bytes": rss_loaded,
+            "trainable": cfg.trainable, "lora_targets": cfg.lora_targets, "lora_rank": cfg.lora_rank,
+            "precision": cfg.precision, "trainable_params": sum(p.numel() for p in params.values()),
+            "lora_layers": len(lora_layers(meta, cfg.lora_targets)), "shared_tensors": int(shared),
+            "tensors": len(base), "optimizer_state_bytes": state_bytes,
+            "lora_params_rank4": {t: sum(4 * (m.in_features + m.out_features) for m in lora_layers(meta, t).values())
+                                  for t in LORA_TARGETS},
+            "dense_params": {n: sum(p.numel() for p in dense_parameters(meta, n).values()) for n in DENSE_SETS},
+            "weight_bytes": sum(v.numel() * v.element_size() for v in base.values())}
+
+
 def _inspect(key: str):
     def job(f):
         t0 = time.time()
@@ -436,6 +475,7 @@ JOBS = {
     "load_switti_1024_bf16": (_load("switti_1024", "bf16"), "cpu"),
     "load_vqvae_switti_fp32": (_load_vae("vqvae_switti", "fp32"), "cpu"),
     "sample_switti_512_cpu": (_switti_sample(512, "cpu"), "cpu"),
+    "erase_state_switti_1024_lora": (_switti_erase_state, "cpu"),
     "cuda_sample_switti_1024": (_switti_sample(1024, "cuda"), "cuda"),
     "cuda_sample_2b_1024": (_sample("1M", "cuda"), "cuda"),
     "cuda_erase_2b_512": (_erase("0.25M", "cuda", steps=3), "cuda"),
@@ -502,6 +542,11 @@ def table(results: list[dict]) -> str:
             note = f"LoRA r4 on {r.get('patched_tensors')} tensors ({r.get('patched_values', 0) / 1e9:.2f}B values), " \
                    f"file {_gb(r.get('patch_file_bytes'))} GB, RSS after load {_gb(r.get('rss_after_load_bytes'))} GB, " \
                    f"exact removal {r.get('exact_removal')}"
+        if r["job"].startswith("erase_state"):
+            note = f"{r.get('trainable')} {r.get('lora_targets')} rank {r.get('lora_rank')}: " \
+                   f"{r.get('trainable_params', 0) / 1e6:.2f}M trainable on {r.get('lora_layers')} layers; " \
+                   f"{r.get('shared_tensors')}/{r.get('tensors')} tensors shared; RSS after load " \
+                   f"{_gb(r.get('rss_after_load_bytes'))} GB"
         if r["job"].startswith("inspect"):
             note = next((ln.strip() for ln in r.get("output") or [] if "parameters" in ln), r.get("error", ""))
         if r["job"].startswith("load") and "fingerprint_seconds" in r:

@@ -176,6 +176,16 @@ def full_path(kind: str, name: str) -> Path:
     raise FileNotFoundError(f"{name!r} is not in any {kind} folder ({', '.join(str(f) for f in folders(kind))})")
 
 
+def clip_tokenizer_dir() -> Path | None:
+    """ComfyUI's own CLIP tokenizer folder (comfy/sd1_tokenizer), which its clip_l / clip_g files are
+    read with; None outside ComfyUI."""
+    comfy = _optional("comfy")
+    if comfy is None or not getattr(comfy, "__file__", None):
+        return None
+    folder = Path(comfy.__file__).parent / "sd1_tokenizer"
+    return folder if folder.is_dir() else None
+
+
 def output_dir() -> Path:
     fp = _optional("folder_paths")
     if fp is not None:

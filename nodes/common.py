@@ -13,7 +13,7 @@ def seed(default: int = 0, what: str = "Random seed: image i of a batch uses see
 def cfg(default: float) -> tuple:
     return ("FLOAT", {"default": default, "min": 0.0, "max": 30.0, "step": 0.1,
                       "tooltip": "Classifier-free guidance: 1 = off; higher follows the prompt more closely. "
-                                 "0: the model's (toy model 3, Infinity 4)."})
+                                 "0: the model's (toy model 3, Infinity 4, Switti 6 ramped over the scales)."})
 
 
 def tau(default: float) -> tuple:
@@ -35,8 +35,9 @@ def sampler_settings(model, cfg: float, tau: float, top_p: float, top_k: int | N
     (cfg 0, tau 0, top_p -1), resolved in the one place the CLI uses too."""
     from svare_core.settings import resolve_sampler
 
+    # top_k 0 is "the model's" too: off for bitwise models (their families' value), 400 for Switti.
     return resolve_sampler(model, cfg=cfg or None, tau=tau or None, top_p=None if top_p < 0 else top_p,
-                           top_k=top_k, negative_prompt=negative_prompt or None)
+                           top_k=top_k or None, negative_prompt=negative_prompt or None)
 
 
 def sampling(d: dict, seed_tooltip: str | None = None) -> dict:

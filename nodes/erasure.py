@@ -28,7 +28,7 @@ def describe(patch: ErasurePatch) -> str:
 
 
 class EraseConcept:
-    SEARCH_ALIASES = ["S-VARE", "unlearn", "concept erasure", "remove concept", "NSFW", "Infinity", "train"]
+    SEARCH_ALIASES = ["S-VARE", "unlearn", "concept erasure", "remove concept", "NSFW", "Infinity", "Switti", "train"]
     DESCRIPTION = ("Fine-tune a copy of the model so it no longer draws a concept (S-VARE; or the naive VARE / ESD "
                    "baselines). The result is a small erasure patch; the input model is not changed.")
     CATEGORY = "svare/erasure"
@@ -49,7 +49,7 @@ class EraseConcept:
                                   "concept), one per concept, comma-separated."}),
             "kind": ([AUTO, *pair_kinds()], {"default": d["kind"], "tooltip": "Prompt templates for the concept: "
                                              "object, style, nudity, or toy (attributes of the bundled toy world); "
-                                             "auto: the model's (toy for the toy model, object for Infinity)."}),
+                                             "auto: the model's (toy for the toy model, object for Infinity and Switti)."}),
             "pairs": ("STRING", {"default": "", "multiline": True,
                                  "tooltip": "Optional prompt pairs, one per line: 'unsafe prompt => safe prompt'. "
                                             "When given, they replace the templates."}),
@@ -74,7 +74,7 @@ class EraseConcept:
                                               "Infinity 0.5)."}),
             "teacher_cfg": ("FLOAT", {"default": d["teacher_cfg"], "min": 0.0, "max": 20.0, "step": 0.1,
                                       "tooltip": "Guidance of the frozen model that draws the safe targets. 0: the "
-                                                 "model's (toy model 3, Infinity 4)."}),
+                                                 "model's (toy model 3, Infinity 4, Switti 6 on its ramp over the scales)."}),
             "preserve_prompts": ("STRING", {"default": "", "multiline": True,
                                             "tooltip": "Optional prompts (one per line) whose images must not "
                                                        "change."}),

@@ -23,9 +23,30 @@ def _path(kind: str, choice: str) -> str | None:
     return str(comfy.full_path(kind, choice))
 
 
+PAIR = " + "                     # a Switti text-encoder entry: "clip_l.safetensors + clip_g.safetensors"
+
+
+def _clip_pairs() -> list[str]:
+    """Switti's two text encoders as one list entry each: every clip_l with every clip_g found in
+    models/text_encoders (ComfyUI's files, or Hugging Face folders)."""
+    names = [*comfy.list_files("text_encoders"), *comfy.list_folders("text_encoders")]
+    tower = lambda n, tag: tag in n.rsplit("/", 1)[-1].lower()        # noqa: E731
+    return [f"{a}{PAIR}{b}" for a in names if tower(a, "clip_l") for b in names if tower(b, "clip_g")]
+
+
+def _text_encoder(choice: str):
+    """A text_encoder entry -> what load_pipeline understands; a Switti pair -> (clip_l, clip_g[, tokenizer])."""
+    if PAIR not in choice:
+        return _path("text_encoders", choice)
+    parts = [comfy.full_path("text_encoders", name) for name in choice.split(PAIR)]
+    tokenizer = comfy.clip_tokenizer_dir()
+    # files carry no tokenizer: ComfyUI's own (folders bring theirs)
+    return (*parts, tokenizer) if tokenizer is not None and any(p.is_file() for p in parts) else tuple(parts)
+
+
 class LoadVAR:
-    SEARCH_ALIASES = ["Infinity", "Infinity-2B", "Infinity-8B", "VAR", "visual autoregressive", "load model"]
-    DESCRIPTION = ("Load a next-scale VAR text-to-image model: the bundled toy model, or Infinity-2B/8B from "
+    SEARCH_ALIASES = ["Infinity", "Infinity-2B", "Infinity-8B", "Switti", "VAR", "visual autoregressive", "load model"]
+    DESCRIPTION = ("Load a next-scale VAR text-to-image model: the bundled toy model, Infinity-2B/8B or Switti from "
                    "models/var (entries marked '(download)' are fetched from Hugging Face on first use).")
     CATEGORY = "svare"
     RETURN_TYPES = (MODEL,)
@@ -40,18 +61,21 @@ class LoadVAR:
             "transformer": ([BUNDLED, *files, *hub.labels("transformer")], {
                 "default": BUNDLED,
                 "tooltip": "The transformer: the bundled toy model, a file in models/var (Infinity: "
-                           "infinity_2b_reg.pth, or infinity_8b_weights/model.safetensors.index.json), or a "
-                           "'(download)' entry fetched from Hugging Face into models/var."}),
+                           "infinity_2b_reg.pth, or infinity_8b_weights/model.safetensors.index.json; Switti: "
+                           "Switti-1024/model.safetensors), or a '(download)' entry fetched from Hugging Face into "
+                           "models/var."}),
             "vae": ([FROM_FILE, *files, *hub.labels("vae")], {
                 "default": FROM_FILE,
                 "tooltip": "The VAE. '(from model file)' for svare model files (the toy model holds its own); "
                            "Infinity-2B needs infinity_vae_d32reg.pth, Infinity-8B "
-                           "infinity_vae_d56_f8_14_patchify.pth."}),
-            "text_encoder": ([FROM_FILE, "minilm", *comfy.list_folders("text_encoders"),
+                           "infinity_vae_d56_f8_14_patchify.pth, Switti VQVAE-Switti/model.safetensors."}),
+            "text_encoder": ([FROM_FILE, "minilm", *comfy.list_folders("text_encoders"), *_clip_pairs(),
                               *hub.labels("text_encoder")], {
                 "default": FROM_FILE,
-                "tooltip": "The text encoder: the one the model file names (toy model: minilm), or a Hugging "
-                           "Face folder in models/text_encoders (Infinity: flan-t5-xl)."}),
+                "tooltip": "The text encoder: the one the model file names (toy model: minilm), a Hugging "
+                           "Face folder in models/text_encoders (Infinity: flan-t5-xl), or for Switti a "
+                           "'clip_l + clip_g' pair from models/text_encoders (ComfyUI's clip_l.safetensors and "
+                           "clip_g.safetensors, read with ComfyUI's CLIP tokenizer)."}),
             "precision": (["fp32", "bf16", "fp16"], {
                 "default": LOADER["precision"],
                 "tooltip": "Weights precision of the transformer. bf16 halves memory on GPUs; fp32 on CPU."}),
@@ -76,7 +100,7 @@ class LoadVAR:
         # outputs ("free model and node cache", /free) the model is freed, and two Load VAR nodes with the
         # same options still share one model. Before the weights load, ComfyUI frees room for them
         # (svare_core.memory.before_load -> comfy_adapter.free_memory_for).
-        pipe = load_pipeline_cached(model, vae=_path("var", vae), text_encoder=_path("text_encoders", text_encoder),
+        pipe = load_pipeline_cached(model, vae=_path("var", vae), text_encoder=_text_encoder(text_encoder),
                                     device=str(device), dtype=precision,
                                     vae_device="cpu" if offload_vae else None,
                                     text_device="cpu" if offload_text_encoder else str(device))

@@ -10,7 +10,7 @@ from .loaders import MODEL
 
 
 class VARSampler:
-    SEARCH_ALIASES = ["Infinity", "VAR", "sampler", "generate", "text to image"]
+    SEARCH_ALIASES = ["Infinity", "Switti", "VAR", "sampler", "generate", "text to image"]
     DESCRIPTION = ("Generate images coarse-to-fine with a VAR model. The progress bar advances per scale and "
                    "previews the partial image.")
     CATEGORY = "svare"
@@ -30,7 +30,8 @@ class VARSampler:
                                                       "the model's learned unconditional embedding."}),
             **common.sampling(d),
             "top_k": ("INT", {"default": d["top_k"], "min": 0, "max": 2,
-                              "tooltip": "1 = greedy bits; 0 (or 2) = off (a bit has only two values)."}),
+                              "tooltip": "1 = greedy bits; 0 (or 2) = off (a bit has only two values). "
+                                         "VQ models (Switti): 0 = the model's top-k (400)."}),
             "aspect_ratio": common.aspect_ratio(d["aspect_ratio"]),
             "resolution": common.resolution(d["resolution"]),
             "batch_size": ("INT", {"default": d["batch_size"], "min": 1, "max": 64,

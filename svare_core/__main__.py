@@ -50,9 +50,12 @@ def _seed(value: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toyworld", help="'toyworld' (bundled), a svare file, or an Infinity checkpoint")
-    p.add_argument("--vae", default=None, help="VAE file (Infinity checkpoints need one)")
-    p.add_argument("--text-encoder", default=None, help="text encoder folder (Infinity: google/flan-t5-xl)")
+    p.add_argument("--model", default="toyworld",
+                   help="'toyworld' (bundled), a svare file, or an Infinity or Switti checkpoint")
+    p.add_argument("--vae", default=None, help="VAE file (Infinity and Switti checkpoints need one; Switti: VQVAE-Switti)")
+    p.add_argument("--text-encoder", nargs="+", default=None, metavar="PATH",
+                   help="text encoder folder (Infinity: google/flan-t5-xl); Switti: its clip_l and clip_g folders or "
+                        "files, then a CLIP tokenizer folder for files (e.g. ComfyUI's comfy/sd1_tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="precision of the transformer; weights are cast as they stream in (Infinity: bf16)")
@@ -120,7 +123,10 @@ def _cache_dir(args) -> Path | None:
 def _load_base(args):
     from . import load_pipeline
 
-    return load_pipeline(args.model, vae=args.vae, text_encoder=args.text_encoder, device=args.device, dtype=args.dtype,
+    # one path (Infinity, the toy model) or a model's several text encoders (Switti: clip_l clip_g [tokenizer])
+    text = args.text_encoder
+    text = None if not text else text[0] if len(text) == 1 else tuple(text)
+    return load_pipeline(args.model, vae=args.vae, text_encoder=text, device=args.device, dtype=args.dtype,
                          vae_device=args.vae_device, text_device=args.text_device, text_dtype=args.text_dtype,
                          text_offload=args.text_offload)
 

@@ -46,7 +46,7 @@ def _resolve_text_encoder(spec: str | Path | None, path: Path) -> Path:
 
 
 def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = None,
-                  text_encoder: str | Path | None = None, device: str | torch.device = "cpu",
+                  text_encoder: str | Path | tuple | list | None = None, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype = "fp32", vae_device: str | torch.device | None = None,
                   text_device: str | torch.device = "cpu", text_dtype: str | torch.dtype | None = None,
                   text_offload: bool = False) -> VARPipeline:
@@ -55,7 +55,9 @@ def load_pipeline(model: str | Path = "toyworld", *, vae: str | Path | None = No
     ``model``: "toyworld" (bundled), a svare .safetensors file (may hold the VAE too), or a
     released transformer checkpoint of a registered architecture (svare_core.models.registry), e.g.
     Infinity's (.pth or a sharded .safetensors index), which then needs ``vae`` and
-    ``text_encoder`` (Infinity: a local folder of google/flan-t5-xl). The VAE and text encoder may stay on
+    ``text_encoder`` (Infinity: a local folder of google/flan-t5-xl; Switti: ``(clip_l, clip_g)``
+    folders or files, plus a CLIP tokenizer folder as a third entry for files, e.g. ComfyUI's
+    clip_l.safetensors / clip_g.safetensors and comfy/sd1_tokenizer). The VAE and text encoder may stay on
     the CPU while the transformer runs on the GPU (``vae_device``, ``text_device``).
     ``text_dtype``: None = bf16 for Flan-T5 (fp32 for the toy model's small encoder); ``text_offload``:
     the text encoder lives on the CPU and moves to ``text_device`` only to encode prompts.
@@ -105,33 +107,68 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     # Everything that can be checked in seconds is, before minutes of loading.
     ckpt = read_checkpoint(path)                # opened once: checked here, then loaded
     meta = ckpt.metadata
-    if layout_of(ckpt, "transformer").arch.name == "switti":
-        raise ModelLoadError(f"{path}: is a Switti transformer; its two CLIP text encoders are not wired into "
-                             "load_pipeline yet: load the transformer and VQ-VAE with svare_core.loader.load_switti "
-                             "and sample with a VARPipeline around them (docs/switti.md)")
+    arch = layout_of(ckpt, "transformer").arch
     vae_path = resolve_model_path(vae) if vae is not None else (path if has_part(ckpt, "vae") else None)
     if vae_path is None:
         raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
-                             "Infinity-8B: infinity_vae_d56_f8_14_patchify.pth)")
-    text_name = str(text_encoder or meta.get("text_encoder") or "")
-    text_path = _resolve_text_encoder(text_name or None, path)
-    _check_text_width(ckpt, text_path)
+                             "Infinity-8B: infinity_vae_d56_f8_14_patchify.pth, Switti: VQVAE-Switti's model.safetensors)")
+    if arch.text_encoder is None:               # one Hugging Face folder (Flan-T5, the toy model's MiniLM)
+        text_name = str(text_encoder or meta.get("text_encoder") or "")
+        text_paths = [_resolve_text_encoder(text_name or None, path)]
+        _check_text_width(ckpt, text_paths[0])
+    else:                                       # the architecture's own encoders (Switti: clip_l + clip_g)
+        text_name, text_paths = None, _text_parts(arch, text_encoder, path)
     vae_device = vae_device or device
     # A host sharing the GPU (ComfyUI) makes room before the weights arrive.
     memory.before_load(_load_sizes(ckpt, dtype, device, vae_path if vae_path != path else None, vae_device,
-                                   text_path, "cpu" if text_offload else text_device))
+                                   text_paths, "cpu" if text_offload else text_device))
     transformer = load_transformer(ckpt, device=device, dtype=dtype)
     # The VAE is small and precision-sensitive: it stays in fp32 unless it shares the GPU.
-    vae_model = load_vae(vae_path, device=vae_device, token_bits=transformer.cfg.bits,
+    vae_model = load_vae(vae_path, device=vae_device, token_bits=getattr(transformer.cfg, "bits", None),
                          dtype=dtype if str(vae_device) != "cpu" else torch.float32)
-    text = TextEncoder(text_path, device=text_device,
-                       dtype=_dtype(text_dtype, "text_dtype"), offload=text_offload)
-    scales = transformer.cfg.scales or None
+    if arch.text_encoder is None:
+        text = TextEncoder(text_paths[0], device=text_device, dtype=_dtype(text_dtype, "text_dtype"),
+                           offload=text_offload)
+    else:
+        text = arch.text_encoder(text_paths, device=text_device, dtype=_dtype(text_dtype, "text_dtype"),
+                                 offload=text_offload)
+        _check_pooled_width(transformer, text, text_paths)
+    scales = getattr(transformer.cfg, "scales", None) or None
     name = str(model) if plugins.get("bundled_model", str(model)) is not None else path.stem
-    # A svare file says which family it belongs to; released checkpoints are Infinity's.
-    family = meta.get("family", "infinity")
-    return VARPipeline(transformer, vae_model, text, name=name, family=family, scales=scales,
-                       text_encoder_name=text_name)
+    if name == "model" and arch.family is not None and "format" not in meta:
+        name = path.parent.name or name          # a release's model.safetensors (Switti): its folder names it
+    # A svare file says which family it belongs to; a released checkpoint's architecture does.
+    family = meta.get("family") or arch.family or "infinity"
+    try:
+        return VARPipeline(transformer, vae_model, text, name=name, family=family, scales=scales,
+                           text_encoder_name=text_name)
+    except ValueError as e:                      # a VAE or text encoder of another model: one line
+        raise ModelLoadError(f"{path}: {e}") from None
+
+
+def _text_parts(arch, spec, path: Path) -> list[Path]:
+    """The files or folders of an architecture's text encoders, each checked to exist, in its order."""
+    parts = list(spec) if isinstance(spec, (list, tuple)) else [] if spec is None else [spec]
+    need = arch.text_parts
+    if len(parts) not in (len(need), len(need) + 1):
+        raise ModelLoadError(f"{path}: a {arch.description} reads {len(need)} text encoders: give "
+                             f"text_encoder=({', '.join(need)}) (folders or files; files also need a CLIP tokenizer "
+                             f"folder as a last entry), got {len(parts)}")
+    out = []
+    for role, part in zip((*need, "tokenizer"), parts):
+        p = Path(str(part)).expanduser()
+        if not p.exists():
+            raise ModelLoadError(f"{role}: {p} does not exist: give its folder or weights file")
+        out.append(p)
+    return out
+
+
+def _check_pooled_width(transformer, text, paths: list[Path]) -> None:
+    want, got = getattr(transformer.cfg, "pooled_dim", None), getattr(text, "pooled_width", None)
+    if want is not None and got != want:
+        where = paths[1] if len(paths) > 1 else paths[0]          # clip_g gives the pooled vector
+        raise ModelLoadError(f"{where}: gives a pooled vector {got} wide but the transformer reads {want}: "
+                             "pair Switti with the released CLIP ViT-L/14 and OpenCLIP bigG towers")
 
 
 def load_switti(model: str | Path, vae: str | Path, *, device: str | torch.device = "cpu",
@@ -151,7 +188,7 @@ def load_switti(model: str | Path, vae: str | Path, *, device: str | torch.devic
         vae_ckpt = read_checkpoint(vae_path)
         if layout_of(vae_ckpt, "vae").arch.name != "var-vqvae":
             raise ModelLoadError(f"{vae_path}: is not a VAR multi-scale VQ-VAE: Switti needs VQVAE-Switti's model.safetensors")
-        sizes = _load_sizes(ckpt, dtype, device, vae_path, vae_device, None, "cpu")
+        sizes = _load_sizes(ckpt, dtype, device, vae_path, vae_device, [], "cpu")
         memory.before_load(sizes)
         transformer = load_transformer(ckpt, device=device, dtype=dtype)
         # The VAE is small and precision-sensitive: fp32 unless it shares the GPU.
@@ -176,7 +213,7 @@ def _check_text_width(ckpt: Checkpoint, text_path: Path) -> None:
                              f"expects {expected}: pair it with its own text encoder (Infinity: google/flan-t5-xl)")
 
 
-def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_device, text_path: Path | None,
+def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_device, text_paths: list[Path] | None,
                 text_device) -> dict[str, int]:
     """About how many bytes of weights loading will put on each device (from the file's header; the
     separate VAE and the text encoder from their size on disk, a T5 encoder a quarter of its folder:
@@ -187,14 +224,13 @@ def _load_sizes(ckpt: Checkpoint, dtype: torch.dtype, device, vae_path, vae_devi
                              for t in ckpt.state.values())
     if vae_path is not None:
         sizes[str(vae_device)] = sizes.get(str(vae_device), 0) + memory.weights_on_disk(vae_path)
-    if text_path is None:
-        return sizes
-    try:
-        is_t5 = json.loads((text_path / "config.json").read_text()).get("model_type") in ("t5", "mt5", "umt5")
-    except (OSError, ValueError):
-        is_t5 = False
-    text = memory.weights_on_disk(text_path) // (4 if is_t5 else 1)
-    sizes[str(text_device)] = sizes.get(str(text_device), 0) + text
+    for text_path in text_paths or []:
+        try:
+            is_t5 = json.loads((text_path / "config.json").read_text()).get("model_type") in ("t5", "mt5", "umt5")
+        except (OSError, ValueError):
+            is_t5 = False
+        text = memory.weights_on_disk(text_path) // (4 if is_t5 else 1)
+        sizes[str(text_device)] = sizes.get(str(text_device), 0) + text
     return sizes
 
 
@@ -215,6 +251,7 @@ class _WeakPipelineCache:
     @staticmethod
     def _key(model="toyworld", vae=None, text_encoder=None, device="cpu", dtype="fp32", vae_device=None,
              text_device="cpu", text_dtype=None, text_offload=False) -> tuple:
+        text_encoder = tuple(map(str, text_encoder)) if isinstance(text_encoder, (list, tuple)) else text_encoder
         return (str(model), vae, text_encoder, str(device), str(dtype), vae_device, str(text_device),
                 text_dtype, bool(text_offload))
 

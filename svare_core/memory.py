@@ -177,16 +177,18 @@ def erasure_bytes(pipe, config, scales) -> int:
     (one block input per block with gradient checkpointing, every block's otherwise), and the
     sampling the teacher does to make targets; whichever of training and sampling is larger.
     """
-    from .erasure.trainable import LORA_TARGETS, dense_parameters
+    from .erasure.trainable import dense_parameters, lora_layers
 
     t = pipe.transformer
     c = t.cfg
     dtype = _param_dtype(t)
     e = 4 if config.precision == "fp32" else element_size(dtype)
     if config.trainable == "lora":
-        suffixes = LORA_TARGETS.get(config.lora_targets, ())
-        trained = sum(config.lora_rank * (m.in_features + m.out_features) for n, m in t.named_modules()
-                      if isinstance(m, torch.nn.Linear) and n.startswith("block_chunks.") and n.endswith(suffixes))
+        try:
+            layers = lora_layers(t, config.lora_targets)
+        except ValueError:                                   # unknown targets: erase() names them
+            layers = {}
+        trained = sum(config.lora_rank * (m.in_features + m.out_features) for m in layers.values())
         state = trained * 4 * 4                               # fp32 adapters, gradients, two moments
     else:
         trained = sum(p.numel() for p in dense_parameters(t, config.trainable).values())
@@ -199,7 +201,7 @@ def erasure_bytes(pipe, config, scales) -> int:
     per_block = rows * tokens * (8 * c.embed_dim + 2 * c.ffn_dim) * e
     acts = c.depth * rows * tokens * c.embed_dim * e + per_block if config.gradient_checkpointing \
         else c.depth * per_block
-    logits = 4 * rows * tokens * c.bits * 2 * 4
+    logits = 4 * rows * tokens * (getattr(c, "vocab_size", None) or c.bits * 2) * 4
     return int(max(state + acts + logits, sampling_bytes(pipe, 1, scales, decode=False)))
 
 

@@ -196,7 +196,7 @@ def generate(pipe: VARPipeline, prompts: Sequence[str] | str, *, seed: int = 0, 
         # 4096-way VQ tokens (Switti): its own guidance and token draws, the same step API.
         from .sampling_vq import generate_vq
         return generate_vq(pipe, prompts, seed=seed, settings=settings, scales=scales, aspect_ratio=aspect_ratio,
-                           callback=callback, return_logits=return_logits, decode=decode)
+                           callback=callback, return_logits=return_logits, decode=decode, seeds=seeds)
     s = settings or SamplerSettings()
     s.validate()
     prompts = check_prompts_and_seed(prompts, seed)

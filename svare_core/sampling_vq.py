@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sampling import SamplerSettings, ScaleStep, _decode_images, _is_number, check_prompts_and_seed
+from .sampling import SamplerSettings, ScaleStep, _decode_images, _is_number, check_prompts_and_seed, check_seeds
 
 
 @dataclass
@@ -92,6 +92,12 @@ def gumbel_codes(logits: torch.Tensor, generators: list[torch.Generator], ratio:
     return ((x + noise) / tau).softmax(dim=-1).to(logits.device)
 
 
+def guidance_weight(si: int, n: int, s: VQSamplerSettings) -> float:
+    """t of scale si of n: cfg * si / (n - 1) on [cfg_start, cfg_stop), 0 elsewhere (the logits are then
+    (1 + t) cond - t uncond). Erasure's teacher guides with the same ramp (erasure/run.py)."""
+    return s.cfg * si / (n - 1) if s.cfg_start <= si < s.cfg_stop else 0.0
+
+
 def guide(logits: torch.Tensor, si: int, n: int, rows: int, s: VQSamplerSettings) -> torch.Tensor:
     """The logits a scale samples from: conditional rows, guided on [cfg_start, cfg_stop), tempered after."""
     if si >= s.cfg_stop:
@@ -99,18 +105,20 @@ def guide(logits: torch.Tensor, si: int, n: int, rows: int, s: VQSamplerSettings
     elif si < s.cfg_start or logits.shape[0] == rows:      # no unconditional rows (guidance never on)
         out = logits[:rows]
     else:
-        t = s.cfg * si / (n - 1)
+        t = guidance_weight(si, n, s)
         out = (1 + t) * logits[:rows] - t * logits[rows:]
     return out / s.tau if s.tau != 1.0 else out
 
 
 def generate_vq(pipe, prompts: Sequence[str] | str, *, seed: int = 0, settings: VQSamplerSettings | None = None,
                 scales=None, aspect_ratio: str = "1:1", callback: Callable[[ScaleStep], None] | None = None,
-                return_logits: bool = False, decode: bool = True) -> VQSampleResult:
-    """Draw one image per prompt with a VQ next-scale model (called by ``sampling.generate``)."""
+                return_logits: bool = False, decode: bool = True, seeds: Sequence[int] | None = None) -> VQSampleResult:
+    """Draw one image per prompt with a VQ next-scale model (called by ``sampling.generate``); image ``i``
+    uses the seed ``seed + i``, or ``seeds[i]`` when given."""
     s = settings if isinstance(settings, VQSamplerSettings) else _from_base(settings)
     s.validate()
     prompts = check_prompts_and_seed(prompts, seed)
+    seeds = [seed + i for i in range(len(prompts))] if seeds is None else check_seeds(seeds, len(prompts))
     if aspect_ratio != "1:1":
         raise ValueError(f"Switti draws square images only; got aspect ratio {aspect_ratio!r}: use 1:1")
     model, vae = pipe.transformer, pipe.vae
@@ -124,7 +132,7 @@ def generate_vq(pipe, prompts: Sequence[str] | str, *, seed: int = 0, settings: 
     cond = pipe.condition(prompts)
     if guided:
         cond = cond.cat(pipe.condition([s.negative_prompt or ""] * B))
-    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(B)]
+    gens = [torch.Generator(device="cpu").manual_seed(sd) for sd in seeds]
     state = model.begin(cond, scales)
     side = scales[-1][0]
     summed = torch.zeros(B, vae.cfg.z_channels, side, side, device=model.device)
@@ -155,7 +163,7 @@ def generate_vq(pipe, prompts: Sequence[str] | str, *, seed: int = 0, settings: 
             nxt = model.embed_input(vae.next_input(summed, scales[si + 1][0]))
             x = torch.cat([nxt, nxt]) if guided and si + 1 < s.cfg_stop else nxt
     images = _decode_images(pipe, summed) if decode else torch.empty(B, 0, 0, 3)
-    return VQSampleResult(images, [i.cpu() for i in indices], summed.cpu(), scales, [seed + i for i in range(B)],
+    return VQSampleResult(images, [i.cpu() for i in indices], summed.cpu(), scales, seeds,
                           raw if return_logits else None, soft_flags)
 
 
@@ -168,4 +176,4 @@ def _from_base(settings: SamplerSettings | None) -> VQSamplerSettings:
 
 
 __all__ = ["VQSampleResult", "VQSamplerSettings", "draw_indices", "filter_top_k_top_p", "generate_vq", "gumbel_codes",
-           "guide"]
+           "guidance_weight", "guide"]

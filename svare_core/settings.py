@@ -41,12 +41,13 @@ INFINITY = Family(
 # The authors' README example for Switti-1024: cfg 6 ramped over the scales, guidance off from scale
 # 11 of 14 with temperature 0.1 after it, top-k 400, top-p 0.95, Gumbel soft codes from scale 2
 # (sampling_vq.VQSamplerSettings). The 512 px model has 10 scales: guidance never switches off
-# (the reference does the same with these arguments). Erasure on Switti is not implemented yet
-# (erase() refuses it); its erase defaults are Infinity's, a placeholder no run reads.
+# (the reference does the same with these arguments). Erasure: Infinity's recipe (untuned for Switti:
+# no run on the real weights was possible here) with the teacher guided as Switti samples, cfg 6
+# ramped over the scales (erasure/run.py: ErasureRun.guidance).
 SWITTI = Family(
     "switti", "Switti-1024/512 and Switti-AR (yandex-research)",
     sampler=VQSamplerSettings(),
-    erase=INFINITY.erase)
+    erase=replace(INFINITY.erase, teacher_cfg=6.0))
 
 BUILTIN = {INFINITY.name: INFINITY, SWITTI.name: SWITTI}
 

@@ -29,7 +29,7 @@ def test_batched_auxiliary_tokens_are_the_one_by_one_draws(tiny_pipeline):
     alone = auxiliary_tokens(tiny_pipeline, PROMPTS, batch_size=1, **kw)
     batched = auxiliary_tokens(tiny_pipeline, PROMPTS, batch_size=8, **kw)
     for p in PROMPTS:
-        assert torch.equal(alone[p].bits, batched[p].bits) and torch.equal(alone[p].inputs, batched[p].inputs)
+        assert torch.equal(alone[p].labels, batched[p].labels) and torch.equal(alone[p].inputs, batched[p].inputs)
     with pytest.raises(ValueError, match="batch_size"):
         auxiliary_tokens(tiny_pipeline, PROMPTS, batch_size=0, **kw)
 

@@ -365,7 +365,7 @@ def test_aux_token_cache(tiny_pipeline, tmp_path, monkeypatch):
     seeds = prompt_seeds(PAIRS[0].safe, 0, 1)             # the seed the run drew it with
     cached = auxiliary_tokens(tiny_pipeline, [PAIRS[0].safe], seeds=seeds, cache_dir=cache, scales=TINY_SCALES,
                               settings=SamplerSettings(cfg=4.0, tau=1.0, top_p=0.97))[PAIRS[0].safe]
-    assert cached.bits.shape == (1, L, 8) and cached.inputs.shape == (1, L - 1, 8)
+    assert cached.labels.shape == (1, L, 8) and cached.inputs.shape == (1, L - 1, 8)
 
     def no_generation(*a, **kw):
         raise AssertionError("the auxiliary tokens should have come from the cache")
@@ -458,7 +458,7 @@ def test_svare_erases_the_pair_and_preserves_the_safe_prompt(tiny_pipeline):
     aux = auxiliary_tokens(pipe, [p.safe for p in PAIRS], seeds=lambda prompt: prompt_seeds(prompt, 0, 1),
                            settings=settings, scales=scales)
     x = torch.cat([aux[p.safe].inputs for p in PAIRS])
-    y = torch.cat([aux[p.safe].bits for p in PAIRS])
+    y = torch.cat([aux[p.safe].labels for p in PAIRS])
     unsafe, safe = [p.unsafe for p in PAIRS], [p.safe for p in PAIRS]
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """Loading Switti and its VQ-VAE like Infinity: streamed through the registry, in fp32 or bf16, with the
 memory check and one clear line for a wrong pairing; the family's sampler defaults; svare files
-round-trip the variant; erasure refuses Switti until it exists."""
+round-trip the variant."""
 from __future__ import annotations
 
 import math
@@ -8,14 +8,11 @@ import math
 import pytest
 import torch
 
-from svare_core.erasure.pairs import PromptPair
-from svare_core.erasure.trainer import erase
 from svare_core.loader import load_pipeline, load_switti
 from svare_core.models import ModelLoadError, load_transformer, load_vae
 from svare_core.models import registry
 from svare_core.models.format import save_model
 from svare_core.models.registry import inspect_file
-from svare_core.pipeline import VARPipeline
 from svare_core.sampling_vq import VQSamplerSettings
 from svare_core.settings import get_family, resolve_sampler
 from tests.test_switti_parity import GoldenText, close, condition, files, goldens, ref_config, scales  # noqa: F401
@@ -46,8 +43,10 @@ def test_load_in_bf16(files, goldens, scales):  # noqa: F811
 def test_wrong_pairings_are_one_line(files):  # noqa: F811
     with pytest.raises(ModelLoadError, match="is a Switti transformer .*, not an Infinity BSQ VAE or a VAR multi-scale VQVAE"):
         load_switti(files["default"], files["ar"])
-    with pytest.raises(ModelLoadError, match="Switti transformer; its two CLIP text encoders"):
+    with pytest.raises(ModelLoadError, match="holds no VAE: .*Switti: VQVAE-Switti"):
         load_pipeline(files["default"])
+    with pytest.raises(ModelLoadError, match=r"reads 2 text encoders: give text_encoder=\(clip_l, clip_g\)"):
+        load_pipeline(files["default"], vae=files["vae"])
 
 
 def test_memory_budget_refuses_before_allocating(files, monkeypatch):  # noqa: F811
@@ -71,13 +70,6 @@ def test_family_defaults():
     assert (s.cfg, s.top_k, s.top_p, s.cfg_start, s.cfg_stop, s.final_tau, s.smooth, s.smooth_start) == (
         6.0, 400, 0.95, 0, 11, 0.1, True, 2)
     assert resolve_sampler("switti", cfg=4.0, top_k=None).cfg == 4.0
-
-
-def test_erasure_refused_for_now(files, goldens):  # noqa: F811
-    transformer, vae = load_switti(files["default"], files["vae"])
-    pipe = VARPipeline(transformer, vae, GoldenText(goldens), name="switti_tiny", family="switti")
-    with pytest.raises(ValueError, match="not available yet"):
-        erase(pipe, [PromptPair("p0", "p1")])
 
 
 def test_inspect_counts_parameters_not_the_mask(files, ref_config):  # noqa: F811

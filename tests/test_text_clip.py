@@ -130,7 +130,7 @@ def test_comfyui_files_with_comfyuis_tokenizer(comfy_files, goldens, prompts):
     comfy = TINY / "tokenizer_comfy"
     cond = tiny(comfy_files / "clip_l.safetensors", comfy_files / "clip_g.safetensors",
                 tokenizer_l=comfy, tokenizer_g=comfy).encode(prompts)
-    sub = type(cond)(cond.features[1:], cond.pooled[1:], cond.mask[1:])
+    sub = type(cond)(features=cond.features[1:], mask=cond.mask[1:], pooled=cond.pooled[1:])
     check_reference(sub, goldens, slice(1, 4), pads=False)
     assert "!" in prompts[0] and (cond.features[0, :32, 64:] - goldens["context"][0, :32, 64:]).abs().max() > 1e-3
 

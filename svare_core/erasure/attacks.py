@@ -136,7 +136,7 @@ class Targets:
 def targets_of(aux: dict, prompts: list[str]) -> Targets:
     """The auxiliary tokens of ``prompts`` (prompt -> AuxTokens) as one target set."""
     rows = [k for k, p in enumerate(prompts) for _ in range(len(aux[p]))]
-    return Targets(prompts, torch.cat([aux[p].inputs for p in prompts]), torch.cat([aux[p].bits for p in prompts]), rows)
+    return Targets(prompts, torch.cat([aux[p].inputs for p in prompts]), torch.cat([aux[p].labels for p in prompts]), rows)
 
 
 def concept_targets(base: VARPipeline, prompts: list[str], images: int, settings: SamplerSettings, scales,

@@ -84,7 +84,8 @@ def aux_key(aux: dict) -> str:
     h = hashlib.sha256()
     for prompt, tokens in sorted(aux.items()):
         h.update(prompt.encode())
-        h.update(tokens.bits.to(torch.uint8).numpy().tobytes())
+        labels = tokens.labels                    # bits (0/1) or a VQ model's code indices
+        h.update(labels.to(torch.int32 if labels.dtype == torch.long else torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 
 

@@ -3,7 +3,8 @@
 A method says which prompts need auxiliary tokens, what the frozen model must compute once,
 and what one iteration does. The loop that runs them is erasure/trainer.py. Notation
 (erasure/losses.py has the formulas): c_u the unsafe prompt, c_s its safe anchor, x_s and y_s
-the teacher-forcing inputs and bits of an image the frozen model drew for c_s.
+the teacher-forcing inputs and labels (bits, or VQ code indices) of an image the frozen model drew
+for c_s.
 """
 from __future__ import annotations
 

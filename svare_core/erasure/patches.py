@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ..models.format import atomic_save_safetensors, content_checksum, save_model
 from ..models.infinity import Infinity
+from ..models.switti import Switti
 from ..pipeline import VARPipeline
 
 PATCH_FORMAT = "svare-erasure-patch"
@@ -168,7 +169,7 @@ class ErasurePatch:
 
 
 def _rebuild(pipe: VARPipeline, stack: list[tuple[ErasurePatch, float]]) -> VARPipeline:
-    base: Infinity = pipe.base_transformer or pipe.transformer
+    base: Infinity | Switti = pipe.base_transformer or pipe.transformer
     state = base.state_dict()
     names = list(dict.fromkeys(n for patch, _ in stack for n in patch.delta_names()))
     for patch, _ in stack:
@@ -192,7 +193,7 @@ def _rebuild(pipe: VARPipeline, stack: list[tuple[ErasurePatch, float]]) -> VARP
         new_state[name] = acc.to(state[name].dtype)
         del acc
     with torch.device("meta"):
-        model = Infinity(base.cfg)
+        model = type(base)(base.cfg)                 # Infinity or Switti: the base's own class
     # Untouched tensors are shared with the base (no copy of a multi-GB model); touched ones are new.
     model.load_state_dict(new_state, assign=True)
     model.eval().requires_grad_(False)

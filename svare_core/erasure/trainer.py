@@ -15,15 +15,15 @@ import torch
 
 from .. import memory
 from ..models.infinity import Infinity
+from ..models.switti import Switti
 from ..pipeline import VARPipeline
-from ..sampling import SamplerSettings
 from . import cache as erasure_cache
 from .config import EraseConfig
 from .methods import method_for
 from .pairs import PromptPair, validate_pairs
 from .patches import ErasurePatch, applied
 from .run import ErasureRun
-from .tokens import auxiliary_tokens, prompt_seeds
+from .tokens import aux_settings, auxiliary_tokens, prompt_seeds
 from .trainable import add_lora, dense_parameters, remove_lora
 
 
@@ -64,9 +64,6 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     ``config`` is used as given; ``svare_core.settings.resolve_erase`` makes one from the model
     family's defaults, the number of concepts and what the user set.
     """
-    if getattr(pipe.transformer, "token_kind", "bits") != "bits":
-        raise ValueError(f"{pipe.name}: erasure on {pipe.family} models (VQ tokens) is not available yet; it "
-                         "samples, and erases on Infinity models only (docs/switti.md)")
     cfg = config or EraseConfig()
     cfg.validate()
     method = method_for(cfg.method)
@@ -86,11 +83,11 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
         run = ErasureRun(pipe, frozen, student, cfg, pairs, preserve_prompts, scales,
                          generator=torch.Generator().manual_seed(cfg.seed))
         r = cfg.research
-        aux_settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
+        run.sampler = aux_settings(pipe, cfg)
         fingerprint = pipe.fingerprint()
         seeds = ((lambda prompt: prompt_seeds(prompt, cfg.seed, cfg.aux_samples)) if r.aux_seeds == "per_prompt"
                  else [cfg.seed + i for i in range(cfg.aux_samples)])
-        run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=seeds, settings=aux_settings, scales=scales,
+        run.aux = auxiliary_tokens(pipe, method.token_prompts(run), seeds=seeds, settings=run.sampler, scales=scales,
                                    cache_dir=cfg.cache_dir, fingerprint=fingerprint, callback=targets_callback,
                                    batch_size=aux_batch_size(pipe, cfg, scales))
         run.params, lora = _trainable(student, cfg)
@@ -129,7 +126,7 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
 
 
 # -- pieces -------------------------------------------------------------------------------------------
-def _student_copy(frozen: Infinity, cfg: EraseConfig) -> Infinity:
+def _student_copy(frozen: Infinity | Switti, cfg: EraseConfig) -> Infinity | Switti:
     """The model to train: its own copy of the trained tensors, the frozen model's for the rest.
 
     Sharing the untouched tensors keeps a multi-GB model from being held twice. Inference
@@ -146,9 +143,9 @@ def _student_copy(frozen: Infinity, cfg: EraseConfig) -> Infinity:
             t = t.clone()
         state[name] = t
     with torch.device("meta"):
-        student = Infinity(frozen.cfg)
+        student = type(frozen)(frozen.cfg)
     student.load_state_dict(state, assign=True)
-    # Train mode: the model has no dropout, but Infinity.forward only checkpoints in training mode.
+    # Train mode: the models have no dropout, but their forward only checkpoints in training mode.
     return student.requires_grad_(False).train()
 
 

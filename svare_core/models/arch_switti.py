@@ -106,9 +106,16 @@ def vqvae_layout(ckpt: Checkpoint) -> tuple[VQVAEConfig, dict[str, str]]:
     return vqvae_config_from_shapes(ckpt), vqvae_key_map(ckpt.state)
 
 
+def load_text(parts, **kw):
+    """Switti's two CLIP towers (models.text_clip; imported when needed: it imports transformers)."""
+    from .text_clip import load_switti_text
+    return load_switti_text(parts, **kw)
+
+
 ARCHITECTURES = (
     Architecture("switti", "Switti transformer (text-to-image, 4096-way VQ tokens; yandex-research)", "transformer",
-                 is_switti, switti_layout, Switti, SwittiConfig),
+                 is_switti, switti_layout, Switti, SwittiConfig, text_parts=("clip_l", "clip_g"), text_encoder=load_text,
+                 family="switti"),
     Architecture("var-vqvae", "VAR multi-scale VQVAE (vocabulary 4096; Switti's tokenizer)", "vae",
                  is_var_vqvae, vqvae_layout, VQVAE, VQVAEConfig),
 )

@@ -61,6 +61,12 @@ class Architecture:
     # VAEs only: the config the shapes gave, set to serve tokens of this many bits where the weights
     # do not tell how (a 14-channel latent read as 2x2 patches for 56-bit tokens).
     fit_tokens: Callable[[Any, int], Any] | None = None
+    # Transformers only, when their text encoder is not one Hugging Face folder (Infinity's Flan-T5):
+    # the parts a user names, in order (Switti: clip_l, clip_g), and how to load them:
+    # text_encoder(parts, device=, dtype=, offload=) -> an encoder with .width and .encode(prompts).
+    text_parts: tuple[str, ...] = ()
+    text_encoder: Callable[..., Any] | None = None
+    family: str | None = None                        # transformers: whose default settings apply (svare_core.settings)
 
     @property
     def supported(self) -> bool:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,9 +87,11 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 class SwittiTextCondition(NamedTuple):
     """The contract with the Switti transformer (CPU, float32): see the module docstring."""
+    # The order of Infinity's text encoders (features, mask) with the pooled vector last, so that
+    # ``transformer.encode_text(*text.encode(prompts))`` reads the same for both families.
     features: torch.Tensor    # (B, 77, 2048): CLIP-L (768) then bigG (1280) last hidden states
-    pooled: torch.Tensor      # (B, 1280): bigG at its first end-of-text token, no projection
     mask: torch.Tensor        # (B, 77) bool: True on real tokens (bigG's attention mask)
+    pooled: torch.Tensor      # (B, 1280): bigG at its first end-of-text token, no projection
 
 
 def attention_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -98,7 +100,7 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
 
 
 class SwittiText(FrozenTextEncoder):
-    """Prompts -> :class:`SwittiTextCondition` (features (B, 77, 2048), pooled (B, 1280), mask (B, 77)).
+    """Prompts -> :class:`SwittiTextCondition` (features (B, 77, 2048), mask (B, 77), pooled (B, 1280)).
 
     ``clip_l`` / ``clip_g``: a folder or a weights file of each tower (module docstring);
     ``tokenizer_l`` / ``tokenizer_g``: CLIP tokenizer folders, needed for towers given as files (a
@@ -154,8 +156,9 @@ class SwittiText(FrozenTextEncoder):
         if isinstance(prompts, str):
             prompts = [prompts]
         rows = self._encoded(prompts)
-        return SwittiTextCondition(torch.stack([r[0] for r in rows]).float(), torch.stack([r[1] for r in rows]).float(),
-                                   torch.stack([r[2] for r in rows]))
+        return SwittiTextCondition(features=torch.stack([r[0] for r in rows]).float(),
+                                   mask=torch.stack([r[2] for r in rows]),
+                                   pooled=torch.stack([r[1] for r in rows]).float())
 
 
 # -- loading one tower --------------------------------------------------------------------------------
@@ -352,3 +355,43 @@ def _load_tokenizer(folder: str | Path | None, weights: Path, role: str):
 
 def _tokenizer_arg(role: str) -> str:
     return f"SwittiText(tokenizer_{role[-1]}=...)" if role in ("clip_l", "clip_g") else "tokenizer=..."
+
+
+# -- as a pipeline's text encoder ---------------------------------------------------------------------
+def arch_of(path: str | Path, released: CLIPTextArch) -> CLIPTextArch:
+    """The tower a folder's config.json describes (a smaller CLIP of the same kind, e.g. the tests'),
+    else ``released``: a single weights file says nothing about heads or activation, so it must be
+    the released tower (its shapes are checked when it loads)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return released
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError):
+        return released                          # load_clip_text names the problem with the folder
+    if cfg.get("model_type") == "clip":
+        cfg = cfg.get("text_config") or {}
+    from transformers import CLIPTextConfig
+    d = CLIPTextConfig()
+    get = lambda k: cfg.get(k, getattr(d, k))    # noqa: E731
+    found = CLIPTextArch(released.name, width=get("hidden_size"), layers=get("num_hidden_layers"),
+                         heads=get("num_attention_heads"), mlp=get("intermediate_size"), activation=get("hidden_act"),
+                         vocab=get("vocab_size"), positions=get("max_position_embeddings"), eps=get("layer_norm_eps"))
+    return released if found == released else replace(found, name=f"a CLIP text tower {found.width} wide")
+
+
+def load_switti_text(parts, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     offload: bool = False) -> SwittiText:
+    """Switti's text encoder from what a user names: ``(clip_l, clip_g)`` or ``(clip_l, clip_g,
+    tokenizer folder)`` (the tokenizer for towers given as single files, e.g. ComfyUI's
+    clip_l.safetensors / clip_g.safetensors). ``dtype`` None: bf16, as the reference runs them."""
+    parts = [parts] if isinstance(parts, (str, Path)) else list(parts or [])
+    if len(parts) not in (2, 3) or not all(isinstance(p, (str, Path)) and str(p) for p in parts):
+        raise ModelLoadError(f"Switti reads two text encoders: give clip_l and clip_g (folders or files, plus a CLIP "
+                             f"tokenizer folder for files), e.g. text_encoder=('clip_l.safetensors', "
+                             f"'clip_g.safetensors', 'sd1_tokenizer'); got {parts!r}")
+    clip_l, clip_g = (Path(p).expanduser() for p in parts[:2])
+    tokenizer = Path(parts[2]).expanduser() if len(parts) == 3 else None
+    return SwittiText(clip_l, clip_g, tokenizer_l=tokenizer, tokenizer_g=tokenizer, device=device,
+                      dtype=dtype or torch.bfloat16, offload=offload,
+                      arch_l=arch_of(clip_l, CLIP_L), arch_g=arch_of(clip_g, CLIP_G))
