@@ -24,27 +24,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import textwrap
 import time
-import urllib.error
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parents[1]
 COMFY_DIR = os.environ.get("SVARE_COMFYUI_DIR", "")
 COMFY_PY = os.environ.get("SVARE_COMFYUI_PYTHON", "")
-PACK_DIR = Path(os.environ.get("SVARE_COMFYUI_PACK_DIR") or REPO_ROOT).resolve()
-STARTUP_TIMEOUT = float(os.environ.get("SVARE_COMFYUI_STARTUP_TIMEOUT", "300"))
 RUN_TIMEOUT = float(os.environ.get("SVARE_COMFYUI_WORKFLOW_TIMEOUT", "600"))
 
 if not (COMFY_DIR and COMFY_PY):
     pytest.skip("real-ComfyUI memory test: set SVARE_COMFYUI_DIR and SVARE_COMFYUI_PYTHON; see "
                 "docs/comfyui-integration.md", allow_module_level=True)
 
-from test_comfyui_server import ComfyServer, _free_port  # noqa: E402  (after the skip: it checks the env too)
+from test_comfyui_server import ComfyServer, running_comfyui  # noqa: E402  (after the skip: it checks the env too)
 
 PROBE = textwrap.dedent('''
     """Test probe: a foreign model under ComfyUI's model management, and a view of its state."""
@@ -152,53 +146,13 @@ PROBE = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfyui_memory")
-    base = tmp / "base"
-    for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
-        (base / sub).mkdir(parents=True)
-    parent = tmp / "custom_parent"
-    (parent / "svare_memory_probe").mkdir(parents=True)
-    (parent / "svare_memory_probe" / "__init__.py").write_text(PROBE)
-    (parent / "svare").symlink_to(PACK_DIR, target_is_directory=True)
-    extra = tmp / "extra_model_paths.yaml"
-    extra.write_text(f"svare_test:\n  custom_nodes: {parent}\n")
-    port = _free_port()
-    log = tmp / "comfyui.log"
-    cmd = [COMFY_PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--extra-model-paths-config", str(extra),
-           "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
-           "--disable-auto-launch", "--log-stdout", "--verbose", "DEBUG"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=COMFY_DIR, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    srv = ComfyServer(f"http://127.0.0.1:{port}", proc, log, base, parent)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{srv.log_tail()}", pytrace=False)
-            try:
-                if srv.get("/svare_probe/state", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT:.0f}s:\n{srv.log_tail()}",
-                            pytrace=False)
-            time.sleep(1)
+    (tmp / "svare_memory_probe").mkdir()
+    (tmp / "svare_memory_probe" / "__init__.py").write_text(PROBE)
+    keep = os.environ.get("SVARE_COMFYUI_MEMORY_LOG")
+    with running_comfyui(tmp, packs={"svare_memory_probe": tmp / "svare_memory_probe"},
+                         args=("--verbose", "DEBUG"), ready="/svare_probe/state",
+                         keep_log=Path(keep) if keep else None) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-        keep = os.environ.get("SVARE_COMFYUI_MEMORY_LOG")
-        if keep:
-            Path(keep).write_text(srv.log_text())
 
 
 def _queue(server: ComfyServer, prompt: dict) -> dict:

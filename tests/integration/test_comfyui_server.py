@@ -20,6 +20,7 @@ See docs/comfyui-integration.md.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -135,30 +136,36 @@ class ComfyServer:
                 or v.get("python_module", "").startswith(PACK_MODULE + ".")}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("comfyui")
+@contextlib.contextmanager
+def running_comfyui(tmp: Path, *, packs: dict[str, Path] | None = None, python: list[str] | None = None,
+                    env: dict[str, str] | None = None, args: tuple[str, ...] = (), ready: str = "/system_stats",
+                    keep_log: Path | None = None):
+    """A ComfyUI server (--cpu, loopback, everything it writes under ``tmp``) with this pack and ``packs``
+    (folder name -> folder) as custom nodes; yields a ComfyServer once ``ready`` answers 200.
+    ``python``: the interpreter command (default SVARE_COMFYUI_PYTHON); ``env``: variables to set."""
     base = tmp / "base"
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / sub).mkdir(parents=True)
     parent = tmp / "custom_parent"
     parent.mkdir()
-    (parent / PACK_NAME).symlink_to(PACK_DIR, target_is_directory=True)
+    for name, folder in {PACK_NAME: PACK_DIR, **(packs or {})}.items():
+        (parent / name).symlink_to(folder, target_is_directory=True)
     extra = tmp / "extra_model_paths.yaml"
     extra.write_text(f"svare_test:\n  custom_nodes: {parent}\n")
     port = _free_port()
     log = tmp / "comfyui.log"
-    cmd = [COMFY_PY, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+    cmd = [*(python or [COMFY_PY]), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--base-directory", str(base), "--extra-model-paths-config", str(extra),
            "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
-           "--disable-auto-launch", "--log-stdout"]
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.pop("PYTHONPATH", None)  # the pack must load through ComfyUI's loader, not our path
+           "--disable-auto-launch", "--log-stdout", *args]
+    full_env = dict(os.environ)
+    full_env.setdefault("HF_HUB_OFFLINE", "1")
+    full_env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    full_env.pop("PYTHONPATH", None)  # the pack must load through ComfyUI's loader, not our path
+    full_env.update(env or {})
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=COMFY_DIR, env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=COMFY_DIR, env=full_env, stdin=subprocess.DEVNULL,
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     srv = ComfyServer(f"http://127.0.0.1:{port}", proc, log, base, parent)
     try:
@@ -168,7 +175,7 @@ def server(tmp_path_factory):
                 pytest.fail(f"ComfyUI exited with {proc.returncode} during startup:\n{srv.log_tail()}",
                             pytrace=False)
             try:
-                status, _ = srv.get("/system_stats", timeout=5)
+                status, _ = srv.get(ready, timeout=5)
                 if status == 200:
                     break
             except (urllib.error.URLError, OSError):
@@ -186,10 +193,17 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
-        shots = os.environ.get("SVARE_SCREENSHOT_DIR")
-        if shots:  # keep the server log next to the screenshots
-            Path(shots).mkdir(parents=True, exist_ok=True)
-            shutil.copy(log, Path(shots) / "comfyui.log")
+        if keep_log is not None:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, keep_log)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    shots = os.environ.get("SVARE_SCREENSHOT_DIR")
+    with running_comfyui(tmp_path_factory.mktemp("comfyui"),
+                         keep_log=Path(shots) / "comfyui.log" if shots else None) as srv:
+        yield srv
 
 
 # --------------------------------------------------------------------------- UI driver
