@@ -45,7 +45,9 @@ def run_erase(concepts: list[str], method: str, out: Path, extra: list[str]) -> 
            *METHODS[method], "--out", str(out)]
     for c in concepts:
         cmd += ["--concept", c, "--anchor", ANCHORS[c]]
-    cmd += extra
+    # No erasure cache: each erase draws its own training targets, so its time is the whole cost
+    # (robust S-VARE against the default compares like with like).
+    cmd += ["--no-cache", *extra]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # The child's own high-water mark (VmHWM starts afresh at exec; ru_maxrss would include the

@@ -81,19 +81,22 @@ def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist already")
 
 
-# Training options of demo and erase (EraseConfig fields; preserve_cfg a research knob, for the
-# ablation benchmark); None keeps the model family's default.
+# Training options of demo and erase (EraseConfig fields; preserve_cfg and adversarial_* research knobs, for
+# the ablation benchmark); None keeps the model family's default.
 ERASE_OPTIONS = (("method", str), ("steps", int), ("lr", float), ("trainable", str), ("lora_rank", int),
                  ("lora_targets", str), ("preservation_weight", float), ("preserve_per_step", int),
                  ("teacher_cfg", float), ("preserve_cfg", float), ("student_cfg", float), ("token_error_rate", float),
-                 ("precision", str), ("aux_samples", int), ("aux_seeds", str))
+                 ("precision", str), ("aux_samples", int), ("aux_seeds", str), ("adversarial_every", int),
+                 ("adversarial_steps", int))
 
 
 ERASE_HELP = {"steps": "iterations in all (default: the model family's, times the number of concepts named)",
               "preserve_per_step": "preservation prompts in each preservation step, per concept",
               "precision": "fp32, or bf16: matmuls in bf16 (autocast) on CUDA and on CPUs with bf16 instructions",
               "aux_samples": "training images the frozen model draws per safe prompt",
-              "aux_seeds": "per_prompt (each safe prompt its own seeds) or shared (the same seeds for all)"}
+              "aux_seeds": "per_prompt (each safe prompt its own seeds) or shared (the same seeds for all)",
+              "adversarial_every": "with --robust: steps between refreshes of the soft-prompt attack",
+              "adversarial_steps": "with --robust: the attack's Adam steps at each refresh"}
 
 
 def _add_erase_args(p: argparse.ArgumentParser) -> None:

@@ -42,3 +42,15 @@ def test_robust_cost_is_against_the_default_row_of_the_same_concepts():
     table = targets_table([_row(cpu=100.0), _row("svare_robust", cpu=301.0)])
     assert "| red | svare_robust | erase CPU time, robust / default | <= 3x | 3.01x (301 s / 100 s) | **no** |" in table
     assert "erase CPU time" not in targets_table([_row("svare_robust", cpu=150.0)])    # no default row: no ratio
+
+
+def test_results_page_holds_the_measured_tables():
+    """docs/results.md shows the tables of docs/erasure_attacks.json, and the targets table is what
+    erasure_targets.py makes of its rows (regenerate both after changing either)."""
+    import json
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    data = json.loads((docs / "erasure_attacks.json").read_text())
+    page = (docs / "results.md").read_text(encoding="utf-8")
+    assert targets_table(data["rows"]) == data["targets"]
+    assert data["table"] in page and data["targets"] in page
