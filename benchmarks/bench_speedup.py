@@ -11,6 +11,9 @@ Not part of the test suite. Three modes, each one command from the repository ro
   # alternating; then this checkout twice with an erasure cache (the first run fills it)
   python benchmarks/bench_speedup.py erasure --old /tmp/svare_main/svare_core --repeats 3 --steps 50 --threads 2
 
+  # where a cold toy erasure's time goes (cProfile: tokens, targets, forwards, backward, optimizer)
+  python benchmarks/bench_speedup.py erasure_profile --threads 2
+
   # where the sampler's time goes (cProfile) in the old copy and here
   python benchmarks/bench_speedup.py profile --old /tmp/svare_main/svare_core --config medium
 
@@ -227,6 +230,38 @@ def erasure(args) -> None:
     print(f"load after: {load_average()}")
 
 
+def erasure_profile(args) -> None:
+    """Where a toy erasure's time goes (cProfile, cumulative seconds of the phases), cold: no erasure cache."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    import svare_core
+
+    torch.set_num_threads(args.threads)
+    run = _toy_erase(svare_core, args.steps)
+    print(f"erasure profile (toy, red -> blue), {args.threads} thread(s), load before: {load_average()}", flush=True)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    run()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    phases = {("tokens.py", "auxiliary_tokens"): "auxiliary tokens", ("trainer.py", "_teacher_targets"): "teacher targets",
+              ("run.py", "student_logits"): "student forwards", ("run.py", "optimize"): "optimize (backward, clip, AdamW)",
+              ("_tensor.py", "backward"): "of which backward", ("optimizer.py", "wrapper"): "of which AdamW step",
+              ("losses.py", "filtered_ce"): "filtered CE", ("losses.py", "preservation_kl"): "preservation KL",
+              ("run.py", "aux_batch"): "aux batch gather", ("infinity.py", "forward"): "all Infinity forwards"}
+    shares = {}
+    for (file, _, func), (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
+        for (f, fn), name in phases.items():
+            if file.endswith(f) and func == fn:
+                shares[name] = max(shares.get(name, 0.0), ct)
+    print(json.dumps({"wall_s": round(wall, 1), "phases_s": {k: round(v, 2) for k, v in shares.items()}}))
+    print(f"load after: {load_average()}")
+
+
 # -- matmul ------------------------------------------------------------------------------------------------------------
 def matmul(args) -> None:
     torch_threads(args.threads)
@@ -300,18 +335,25 @@ def passes(args) -> None:
     """The erasure step's conditional + unconditional forwards on the toy model: two passes against one
     batched pass (B prompts, B unconditional rows), interleaved; and how far the batched logits are from
     the separate ones (a batch changes the BLAS's blocking, so its roundings)."""
+    torch_threads(args.threads)
+    print(f"passes (toy model), {args.threads} thread(s), load before: {load_average()}")
+    for row in passes_rows(args.repeats):
+        print(json.dumps(row), flush=True)
+    print(f"load after: {load_average()}")
+
+
+def passes_rows(repeats: int, batches=(1, 2, 8)) -> list[dict]:
     import torch
 
     from svare_core import load_pipeline
     from svare_core.erasure import expand_concept
 
-    torch.set_num_threads(args.threads)
     pipe = load_pipeline("toyworld")
     model, scales = pipe.transformer, pipe.default_scales("1:1", "0.06M")
     length = sum(h * w for h, w in scales)
     prompts = [p.unsafe for p in expand_concept("red", "blue", "toy")]
-    print(f"passes (toy model, frozen, no grad), {args.threads} thread(s), load before: {load_average()}")
-    for batch in (1, 2, 8):
+    rows = []
+    for batch in batches:
         x = torch.randint(0, 2, (batch, length - 1, model.cfg.bits), generator=torch.Generator().manual_seed(0)).float()
         with torch.no_grad():
             feats, mask = pipe.encode_prompts(prompts[:batch])
@@ -322,14 +364,14 @@ def passes(args) -> None:
             separate = torch.cat([model(cond, x, scales), model(uncond, x, scales)])
             batched = model(both, xx, scales)
             times = interleaved({"two": lambda: (model(cond, x, scales), model(uncond, x, scales)),
-                                 "one": lambda: model(both, xx, scales)}, args.repeats)
+                                 "one": lambda: model(both, xx, scales)}, repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(json.dumps({"batch": batch, "two_passes_s": round(med["two"], 4), "one_batched_s": round(med["one"], 4),
-                          "two_over_one": round(med["two"] / med["one"], 3),
-                          "bit_identical": bool(torch.equal(separate, batched)),
-                          "max_logit_difference": float((separate - batched).abs().max())}))
-        print(json.dumps({"batch": batch, "student": _student_passes(model, cond, uncond, x, scales, args.repeats)}))
-    print(f"load after: {load_average()}")
+        rows.append({"batch": batch, "frozen_no_grad": {
+            "two_passes_s": round(med["two"], 4), "one_batched_s": round(med["one"], 4),
+            "two_over_one": round(med["two"] / med["one"], 3), "bit_identical": bool(torch.equal(separate, batched)),
+            "max_logit_difference": float((separate - batched).abs().max())},
+            "student": _student_passes(model, cond, uncond, x, scales, repeats)})
+    return rows
 
 
 def _student_passes(model, cond, uncond, x, scales, repeats: int) -> dict:
@@ -395,6 +437,10 @@ def main(argv=None) -> None:
     e.add_argument("--steps", type=int, default=None, help="erasure steps (default: the toy model's)")
     e.add_argument("--threads", type=int, default=1)
     e.set_defaults(func=erasure)
+    ep = sub.add_parser("erasure_profile")
+    ep.add_argument("--steps", type=int, default=None, help="erasure steps (default: the toy model's)")
+    ep.add_argument("--threads", type=int, default=1)
+    ep.set_defaults(func=erasure_profile)
     m = sub.add_parser("matmul")
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1)

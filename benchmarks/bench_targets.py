@@ -4,7 +4,7 @@ Not part of the test suite. From the repository root (the reference checkout and
 benchmarks/bench_sampling.py describes them; --before is a copy of svare_core from before the perf work):
 
     mkdir -p /tmp/before && git archive 32e22d0 svare_core | tar -x -C /tmp/before
-    PYTHONPATH=/path/to/stubs python benchmarks/bench_targets.py --reference /path/to/Infinity \\
+    python benchmarks/bench_targets.py --reference /path/to/Infinity --stubs /path/to/stubs \\
         --before /tmp/before --json docs/perf_targets.json
 
 In order, each with the load average before and after it:
@@ -17,6 +17,8 @@ In order, each with the load average before and after it:
             are compared tensor by tensor
   demo      `make demo` with an empty erasure cache (cold) and again (warm); target <= 60 s
   matmul    the CPU's linear throughput and the medium sampler's achieved GFLOP/s as a share of it
+  passes    the erasure step's two forwards or one batched (bench_speedup.py passes)
+  profile   where a cold toy erasure's time goes (bench_speedup.py erasure_profile), when it missed its target
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speedup import load_average, matmul_rows, torch_threads  # noqa: E402
+from bench_speedup import load_average, matmul_rows, passes_rows, torch_threads  # noqa: E402
 
 ERASE = ["erase", "--model", "toyworld", "--kind", "toy", "--concept", "red", "--anchor", "blue"]
 
@@ -49,7 +51,7 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> dict:
             "stdout_tail": proc.stdout.strip().splitlines()[-3:]}
 
 
-def sampler(reference: str, rounds: int, repeats: int, threads: int) -> dict:
+def sampler(reference: str, stubs: str | None, rounds: int, repeats: int, threads: int) -> dict:
     from bench_sampling import _best, run_job, write_weights
 
     with tempfile.TemporaryDirectory(prefix="svare-targets-") as tmp:
@@ -60,7 +62,7 @@ def sampler(reference: str, rounds: int, repeats: int, threads: int) -> dict:
         for _ in range(rounds):
             ours.append(run_job({**job, "impl": "ours"}))
             ref.append(run_job({**job, "impl": "reference", "reference": str(Path(reference).resolve())},
-                               {**os.environ, "TORCHDYNAMO_DISABLE": "1"}))
+                               {**os.environ, "TORCHDYNAMO_DISABLE": "1", **({"PYTHONPATH": stubs} if stubs else {})}))
     a, b = _best(ours), _best(ref)
     if "error" in a or "error" in b:
         return {"error": a.get("error") or b.get("error")}
@@ -98,13 +100,15 @@ def judge(patches: dict[str, Path], seeds: int, eval_seed: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="a FoundationVision/Infinity checkout")
+    p.add_argument("--stubs", default=None,
+                   help="PYTHONPATH for the reference's processes only (its CPU stand-ins, see bench_sampling.py)")
     p.add_argument("--before", default=None, help="a copy of svare_core from before the perf work (its parent folder)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seeds", type=int, default=8, help="evaluation samples per prompt")
     p.add_argument("--eval-seed", type=int, default=2000)
-    p.add_argument("--skip", nargs="*", default=[], choices=["sampler", "erase", "demo", "matmul"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["sampler", "erase", "demo", "matmul", "passes", "profile"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     result = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "load_start": load_average()}
@@ -119,7 +123,7 @@ def main() -> None:
         print(json.dumps(result, indent=1), flush=True)
 
     if "sampler" not in args.skip:
-        result["sampler"] = sampler(args.reference, args.rounds, args.repeats, args.threads)
+        result["sampler"] = sampler(args.reference, args.stubs, args.rounds, args.repeats, args.threads)
         save()
     with tempfile.TemporaryDirectory(prefix="svare-targets-") as tmp:
         tmp = Path(tmp)
@@ -149,6 +153,21 @@ def main() -> None:
         torch_threads(args.threads)
         load = load_average()
         result["matmul"] = {"rows": matmul_rows(args.repeats), "load_before": load, "load_after": load_average()}
+        save()
+    if "passes" not in args.skip:
+        torch_threads(args.threads)
+        load = load_average()
+        result["passes"] = {"rows": passes_rows(args.repeats + 2), "load_before": load, "load_after": load_average()}
+        save()
+    cold = result.get("erase", {}).get("runs", {}).get("cold", {}).get("wall_s")
+    if "profile" not in args.skip and (cold is None or cold > 45):
+        load = load_average()
+        proc = subprocess.run([py, str(ROOT / "benchmarks" / "bench_speedup.py"), "erasure_profile", "--threads",
+                               str(args.threads)], cwd=ROOT, env=env, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        result["profile"] = {"command": "python benchmarks/bench_speedup.py erasure_profile --threads "
+                             f"{args.threads}", "load_before": load, "load_after": load_average(),
+                             **(json.loads(lines[-1]) if lines else {"error": proc.stderr[-1000:]})}
     result["load_end"] = load_average()
     save()
 

@@ -118,3 +118,18 @@ def test_erasure_cache_node(tmp_path, monkeypatch):
     assert shown["result"] == (erasure_cache.describe(tmp_path),) and "1 file," in shown["result"][0]
     cleared = node.show(clear=True)["result"][0]
     assert cleared.startswith("removed 1 file (0.00 MB)") and "0 files" in cleared
+
+
+def test_a_cache_hit_in_a_fresh_process_gives_the_cold_patch(tiny_pipeline, tmp_path):
+    # Each CLI run is a new process: its text encoder has cached nothing, and a warm run reads tokens and
+    # targets it never computed. On the tiny model the warm patch is the cold one, bit for bit. (On the toy
+    # model, benchmarks/bench_targets.py measured a warm CLI run's patch up to 0.02 from the cold run's, with
+    # the same erasure numbers; not explained yet, and not reproduced here: docs/benchmarks.md.)
+    cfg = with_options(EraseConfig(), steps=3, lr=1e-3, pairs_per_step=2, cache_dir=str(tmp_path / "cache"))
+    prompts = ["a green heart", "a big blue circle on a green background"]
+    patches = []
+    for _ in range(2):
+        tiny_pipeline.text_encoder.clear_cache()
+        patches.append(erase(tiny_pipeline, PAIRS, cfg, preserve_prompts=prompts).patch)
+    cold, warm = patches
+    assert all(torch.equal(cold.tensors[k], warm.tensors[k]) for k in cold.tensors)
