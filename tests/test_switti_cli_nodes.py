@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import svare_core.loader
@@ -17,6 +16,7 @@ from svare_core.sampling_vq import VQSamplerSettings
 from tests.test_switti_parity import goldens, ref_config  # noqa: F401
 from tests.test_switti_pipeline import CLIP_G, CLIP_L, TEXT, pipeline_files, switti_pipe  # noqa: F401
 from _pack import load_pack
+from test_nodes import defaults, run
 
 pack = load_pack()
 M = pack.NODE_CLASS_MAPPINGS
@@ -67,30 +67,13 @@ def models_dir(tmp_path, monkeypatch, pipeline_files):  # noqa: F811
     return root
 
 
-def _inputs(key: str, **values) -> dict:
-    out = {}
-    for name, spec in M[key].INPUT_TYPES()["required"].items():
-        kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-        if isinstance(kind, list):
-            out[name] = opts.get("default", kind[0])
-        elif "default" in opts:
-            out[name] = opts["default"]
-    return {**out, **values}
-
-
-def _run(key: str, **kwargs):
-    cls = M[key]
-    with torch.inference_mode():
-        return getattr(cls(), cls.FUNCTION)(**kwargs)
-
-
 def test_load_var_node_loads_switti_and_the_sampler_uses_its_defaults(models_dir, monkeypatch):
     spec = M["SvareLoadVAR"].INPUT_TYPES()["required"]
     assert "clip_l + clip_g" in spec["text_encoder"][0]
     assert {"switti_tiny.safetensors", "vqvae_tiny.safetensors"} <= set(spec["transformer"][0])
     svare_core.loader.load_pipeline_cached.cache_clear()
     try:
-        (pipe,) = _run("SvareLoadVAR", **_inputs("SvareLoadVAR", transformer="switti_tiny.safetensors",
+        (pipe,) = run("SvareLoadVAR", **defaults("SvareLoadVAR", transformer="switti_tiny.safetensors",
                                                   vae="vqvae_tiny.safetensors", text_encoder="clip_l + clip_g",
                                                   device="cpu"))
         assert pipe.family == "switti" and pipe.text_encoder.width == 160
@@ -98,7 +81,7 @@ def test_load_var_node_loads_switti_and_the_sampler_uses_its_defaults(models_dir
         import svare_core.sampling_vq as svq
         real = svq.generate_vq
         monkeypatch.setattr(svq, "generate_vq", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
-        (images,) = _run("SvareVARSampler", **_inputs("SvareVARSampler", model=pipe, prompt="a red cube", seed=4))
+        (images,) = run("SvareVARSampler", **defaults("SvareVARSampler", model=pipe, prompt="a red cube", seed=4))
     finally:
         svare_core.loader.load_pipeline_cached.cache_clear()
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images.numpy()).all()
@@ -123,11 +106,11 @@ def test_comfyui_clip_files_get_comfyui_s_tokenizer(tmp_path, monkeypatch):
 
 
 def test_erase_concept_node_on_switti_then_apply_and_sample(switti_pipe):  # noqa: F811
-    (patch, curve, report) = _run("SvareEraseConcept", **_inputs(
+    (patch, curve, report) = run("SvareEraseConcept", **defaults(
         "SvareEraseConcept", model=switti_pipe, concept="red", anchor="blue", kind="object", steps=2,
         learning_rate=1e-3, seed=1))
     assert "erases red" in report and patch.base_fingerprint == switti_pipe.base_fingerprint
     assert all(n.startswith("blocks.") for n in patch.delta_names()) and curve.shape[-1] == 3
-    (erased,) = _run("SvareApplyErasurePatch", **_inputs("SvareApplyErasurePatch", model=switti_pipe, patch=patch))
-    (images,) = _run("SvareVARSampler", **_inputs("SvareVARSampler", model=erased, prompt="a red cube", seed=4))
+    (erased,) = run("SvareApplyErasurePatch", **defaults("SvareApplyErasurePatch", model=switti_pipe, patch=patch))
+    (images,) = run("SvareVARSampler", **defaults("SvareVARSampler", model=erased, prompt="a red cube", seed=4))
     assert images.shape == (1, 64, 64, 3)
