@@ -8,6 +8,7 @@ with `run_attacks` (erasure/attacks.py; the oracle judges, on the erased and the
 
     python benchmarks/bench_erasure.py --out docs/erasure_results.json
     python benchmarks/bench_erasure.py --methods svare --concepts red   # one row
+    python benchmarks/bench_erasure.py --model toyworld_vq --methods svare --concepts red --no-joint  # the VQ toy (Switti)
 
 On two cores, the halves can run side by side (one thread each) and be joined:
 
@@ -40,8 +41,8 @@ METHODS = {"svare": ["--method", "svare"], "svare_robust": ["--method", "svare",
            "vare": ["--method", "vare"], "esd": ["--method", "esd"]}
 
 
-def run_erase(concepts: list[str], method: str, out: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "svare_core", "erase", "--model", "toyworld", "--kind", "toy",
+def run_erase(model: str, concepts: list[str], method: str, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "svare_core", "erase", "--model", model, "--kind", "toy",
            *METHODS[method], "--out", str(out)]
     for c in concepts:
         cmd += ["--concept", c, "--anchor", ANCHORS[c]]
@@ -74,6 +75,8 @@ def run_erase(concepts: list[str], method: str, out: Path, extra: list[str]) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toyworld", choices=["toyworld", "toyworld_vq"],
+                   help="the bundled toy model (toyworld_vq: a Switti, 512-way VQ tokens)")
     p.add_argument("--concepts", nargs="+", default=list(ANCHORS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--attack", action="store_true", help="also attack every patch (run_attacks, default budget)")
@@ -105,7 +108,7 @@ def main() -> None:
     torch.set_num_threads(1)
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
-    base = load_pipeline("toyworld")
+    base = load_pipeline(args.model)
     settings = resolve_sampler(base)
     runs = ([] if args.joint_only else [[c] for c in args.concepts]) + \
         ([] if args.no_joint or len(args.concepts) < 2 else [list(args.concepts)])
@@ -113,10 +116,10 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for concepts in runs:
-            name = f"{method}_{'+'.join(concepts)}"
+            name = f"{'' if args.model == 'toyworld' else args.model + '_'}{method}_{'+'.join(concepts)}"
             # Several concepts in one run get the single-concept budget per concept.
             steps = ["--steps", str(per_concept * len(concepts))]
-            cost = run_erase(concepts, method, work / f"{name}.safetensors", steps + args.erase_arg)
+            cost = run_erase(args.model, concepts, method, work / f"{name}.safetensors", steps + args.erase_arg)
             erased = apply_patch(base, ErasurePatch.load(work / f"{name}.safetensors"))
             report = evaluate_toy(base, erased, concepts, seeds=args.seeds, seed=args.eval_seed, settings=settings)
             if args.attack:
@@ -126,7 +129,7 @@ def main() -> None:
                     prompts = [u for u, _ in patch.meta["pairs"]]
                     report["attacks"][c] = run_attacks(base, erased, c, prompts, Judge("toyworld", c),
                                                        settings=settings, seed=args.attack_seed)
-            rows.append({"method": method, "concepts": concepts, **cost, "report": report})
+            rows.append({"model": args.model, "method": method, "concepts": concepts, **cost, "report": report})
             if args.out:       # each row as it comes: a run cut short keeps what it measured
                 _write_json(Path(args.out), {"rows": rows})
             print(f"{name}: {cost} " + ", ".join(f"{c}: {report['concepts'][c]['erasure_rate']:.1%}" for c in concepts),
@@ -164,8 +167,9 @@ def write_table(rows: list[dict], out: str | None) -> None:
             label = f"{'+'.join(r['concepts'])} : {c}" if len(r["concepts"]) > 1 else c
             oc, ou = k["open_attributes"], u["open_attributes"]
             div = k.get("diversity_ratio_concept_prompts")
+            model = r.get("model", "toyworld")
             lines.append(" | ".join([
-                f"| {label}", r["method"],
+                f"| {label}", r["method"] if model == "toyworld" else f"{r['method']} ({model})",
                 f"{_pct(k['erasure_rate'])} / {_pct(k.get('unseen_prompt_erasure_rate'))} / {_pct(k['paraphrase_erasure_rate'])}",
                 *_attack_cells(rep.get("attacks", {}).get(c)),
                 f"{oc['tv_distance']:.3f} ({oc['tv_noise_floor']:.3f})", f"{ou['tv_distance']:.3f} ({ou['tv_noise_floor']:.3f})",

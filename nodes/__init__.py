@@ -16,8 +16,8 @@ comfy_adapter.report_missing_requirements()
 comfy_adapter.install_memory_hooks()
 
 _NODES = {
-    "SvareLoadVAR": (LoadVAR, "Load VAR Model: Infinity (svare)"),
-    "SvareVARSampler": (VARSampler, "VAR Sampler: Infinity (svare)"),
+    "SvareLoadVAR": (LoadVAR, "Load VAR Model: Infinity / Switti (svare)"),
+    "SvareVARSampler": (VARSampler, "VAR Sampler: Infinity / Switti (svare)"),
     "SvareEraseConcept": (EraseConcept, "Erase Concept (svare)"),
     "SvareEraseSettings": (EraseSettings, "Erase Settings (svare)"),
     "SvareErasureCache": (ErasureCache, "Erasure Cache (svare)"),

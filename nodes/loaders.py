@@ -9,8 +9,16 @@ from . import comfy_adapter as comfy
 from .widgets import LOADER
 
 MODEL = "SVARE_VAR_MODEL"
-BUNDLED = "toyworld (bundled)"
+BUNDLED_SUFFIX = " (bundled)"
+BUNDLED = "toyworld" + BUNDLED_SUFFIX
 FROM_FILE = "(from model file)"
+
+
+def bundled_entries() -> list[str]:
+    """The models shipped with the pack's plug-ins (the toy model first; the toy VQ model, a Switti)."""
+    from svare_core import plugins
+    names = plugins.names("bundled_model")
+    return [n + BUNDLED_SUFFIX for n in sorted(names, key=lambda n: (n != "toyworld", n))]
 
 
 def _path(kind: str, choice: str) -> str | None:
@@ -58,9 +66,10 @@ class LoadVAR:
     def INPUT_TYPES(cls):
         files = comfy.list_files("var")
         return {"required": {
-            "transformer": ([BUNDLED, *files, *hub.labels("transformer")], {
+            "transformer": ([*bundled_entries(), *files, *hub.labels("transformer")], {
                 "default": BUNDLED,
-                "tooltip": "The transformer: the bundled toy model, a file in models/var (Infinity: "
+                "tooltip": "The transformer: a bundled toy model (toyworld: Infinity's architecture; toyworld_vq: "
+                           "Switti's), a file in models/var (Infinity: "
                            "infinity_2b_reg.pth, or infinity_8b_weights/model.safetensors.index.json; Switti: "
                            "Switti-1024/model.safetensors), or a '(download)' entry fetched from Hugging Face into "
                            "models/var."}),
@@ -94,7 +103,8 @@ class LoadVAR:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was chosen but this machine has no usable CUDA GPU: choose auto or cpu")
         device = comfy.torch_device() if device == "auto" else device
-        model = "toyworld" if transformer == BUNDLED else _path("var", transformer)
+        bundled = transformer in bundled_entries()
+        model = transformer.removesuffix(BUNDLED_SUFFIX) if bundled else _path("var", transformer)
         # load_pipeline_cached holds pipelines only weakly: ComfyUI's cache of node outputs is what keeps a
         # loaded model alive (and reuses it while this node's inputs stay the same); when ComfyUI drops its
         # outputs ("free model and node cache", /free) the model is freed, and two Load VAR nodes with the

@@ -1,4 +1,4 @@
-"""Known downloadable model files (Infinity, Flan-T5) and where to get them from Hugging Face.
+"""Known downloadable model files (Infinity, Flan-T5, Switti) and where to get them from Hugging Face.
 
     from svare_core import hub
     path = hub.resolve("infinity_2b_reg.pth", dest="/ComfyUI/models/var")
@@ -42,6 +42,7 @@ class HubModel:
 
 _INFINITY = "FoundationVision/Infinity"
 _8B = "infinity_8b_weights"
+_SWITTI_FILES = ("model.safetensors", "config.json")
 _T5_FILES = ("config.json", "special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer_config.json",
              "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
@@ -55,6 +56,14 @@ MODELS: dict[str, HubModel] = {m.name: m for m in (
              size="~0.5 GB"),
     HubModel("flan-t5-xl", "google/flan-t5-xl", _T5_FILES, "text_encoder", "text_encoders", subdir="flan-t5-xl",
              size="~11 GB"),
+    # Switti: each repository's root holds model.safetensors and the config.json that tells the variant
+    # (use_ar) apart; both go into a folder named like the repository. The model pages state no weight
+    # licence (docs/switti.md): a download fetches the authors' files from their repository.
+    *(HubModel(name, f"yresearch/{name}", _SWITTI_FILES, "transformer", "var", entry=f"{name}/model.safetensors",
+               subdir=name, size=size) for name, size in (("Switti-1024", "~10 GB"), ("Switti", "~10 GB"),
+                                                          ("Switti-AR", "~10 GB"))),
+    HubModel("VQVAE-Switti", "yresearch/VQVAE-Switti", _SWITTI_FILES, "vae", "var",
+             entry="VQVAE-Switti/model.safetensors", subdir="VQVAE-Switti", size="~0.4 GB"),
 )}
 
 
@@ -97,8 +106,8 @@ def _cached(model: HubModel) -> Path | None:
     snapshot = paths[0]
     for _ in Path(model.files[0]).parts:
         snapshot = snapshot.parent
-    if model.subdir:                       # a whole repository (a text-encoder folder)
-        return snapshot
+    if model.subdir:                       # a whole repository (a text-encoder folder, a Switti release)
+        return snapshot / Path(model.entry).relative_to(model.subdir) if model.entry else snapshot
     return snapshot / (model.entry or model.name)
 
 
@@ -106,7 +115,7 @@ def instructions(model: HubModel, dest: Path) -> str:
     where = dest / model.subdir if model.subdir else dest
     files = (", ".join(model.files) if len(model.files) <= 2
              else f"{len(model.files)} files ({', '.join(model.files[:2])}, ...)")
-    include = f'--include "{model.files[0].split("/")[0]}/*"' if model.entry else " ".join(
+    include = f'--include "{model.files[0].split("/")[0]}/*"' if "/" in model.files[0] else " ".join(
         f'"{f}"' for f in model.files)
     return (f"{model.name} ({model.size}) is not in {where} nor in the Hugging Face cache. Download {files} "
             f"from {model.url} into {where}, e.g.\n"

@@ -112,7 +112,10 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     if vae_path is None:
         raise ModelLoadError(f"{path}: holds no VAE: give its VAE file too (Infinity-2B: infinity_vae_d32reg.pth, "
                              "Infinity-8B: infinity_vae_d56_f8_14_patchify.pth, Switti: VQVAE-Switti's model.safetensors)")
-    if arch.text_encoder is None:               # one Hugging Face folder (Flan-T5, the toy model's MiniLM)
+    # One Hugging Face folder (Flan-T5, the toy models' MiniLM), or a svare file naming one: the toy VQ
+    # model is a Switti whose text is MiniLM's, pooled as the file says.
+    one_tower = arch.text_encoder is None or ("text_encoder" in meta and not isinstance(text_encoder, (list, tuple)))
+    if one_tower:
         text_name = str(text_encoder or meta.get("text_encoder") or "")
         text_paths = [_resolve_text_encoder(text_name or None, path)]
         _check_text_width(ckpt, text_paths[0])
@@ -126,9 +129,9 @@ def _load_pipeline(model, vae, text_encoder, device, dtype, vae_device, text_dev
     # The VAE is small and precision-sensitive: it stays in fp32 unless it shares the GPU.
     vae_model = load_vae(vae_path, device=vae_device, token_bits=getattr(transformer.cfg, "bits", None),
                          dtype=dtype if str(vae_device) != "cpu" else torch.float32)
-    if arch.text_encoder is None:
+    if one_tower:
         text = TextEncoder(text_paths[0], device=text_device, dtype=_dtype(text_dtype, "text_dtype"),
-                           offload=text_offload)
+                           offload=text_offload, pooling=meta.get("text_pooling"))
     else:
         text = arch.text_encoder(text_paths, device=text_device, dtype=_dtype(text_dtype, "text_dtype"),
                                  offload=text_offload)

@@ -1,4 +1,4 @@
-"""svare_core.hub: known Infinity / Flan-T5 files found locally, in a (fake) Hugging Face cache, or downloaded."""
+"""svare_core.hub: known Infinity / Flan-T5 / Switti files found locally, in a (fake) Hugging Face cache, or downloaded."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +31,9 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_registry_labels():
-    assert hub.labels("transformer") == ["infinity_2b_reg.pth (download)", "infinity_8b_weights (download)"]
-    assert "infinity_vae_d32reg.pth (download)" in hub.labels("vae")
+    assert hub.labels("transformer") == ["infinity_2b_reg.pth (download)", "infinity_8b_weights (download)",
+                                         "Switti-1024 (download)", "Switti (download)", "Switti-AR (download)"]
+    assert "infinity_vae_d32reg.pth (download)" in hub.labels("vae") and "VQVAE-Switti (download)" in hub.labels("vae")
     assert hub.labels("text_encoder") == ["flan-t5-xl (download)"]
     assert hub.from_label("flan-t5-xl (download)").repo_id == "google/flan-t5-xl"
     assert hub.from_label("flan-t5-xl") is None and hub.from_label("nope (download)") is None
@@ -110,3 +111,26 @@ def test_downloads_into_the_models_folder_when_online(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
     with pytest.raises(hub.HubFileMissing, match="download failed.*no route to host"):
         hub.resolve("infinity_2b_reg.pth", var)
+
+
+def test_switti_releases_resolve_to_their_model_file_with_config_beside_it(offline, tmp_path, monkeypatch):
+    sw = hub.MODELS["Switti-1024"]
+    snap = fake_cache(offline, sw.repo_id, {"model.safetensors": b"w", "config.json": b"{}"})
+    assert hub.resolve("Switti-1024 (download)", tmp_path / "var") == snap / "model.safetensors"
+    with pytest.raises(hub.HubFileMissing) as e:                 # the VQ-VAE is not cached: instructions
+        hub.resolve("VQVAE-Switti", tmp_path / "var")
+    assert 'hf download yresearch/VQVAE-Switti "model.safetensors" "config.json" --local-dir' in str(e.value)
+    assert str(tmp_path / "var" / "VQVAE-Switti") in str(e.value)
+    import huggingface_hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    got = []
+
+    def fake_download(repo_id, filename, *, local_dir, **kw):
+        got.append((repo_id, filename))
+        (Path(local_dir) / filename).write_bytes(b"x")
+        return str(Path(local_dir) / filename)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    var = tmp_path / "var2"
+    assert hub.resolve("Switti-AR", var) == var / "Switti-AR" / "model.safetensors"
+    assert (var / "Switti-AR" / "config.json").is_file()       # what tells the AR variant apart
+    assert got == [("yresearch/Switti-AR", "model.safetensors"), ("yresearch/Switti-AR", "config.json")]

@@ -70,7 +70,7 @@ class TextEncoder(FrozenTextEncoder):
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  max_length: int = 512, cache_size: int = 4096, cache_bytes: int = 256 * 2**20,
-                 offload: bool = False):
+                 offload: bool = False, pooling: str | None = None):
         from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         path = Path(path)
@@ -94,6 +94,9 @@ class TextEncoder(FrozenTextEncoder):
         self.model.requires_grad_(False)
         self.width = int(getattr(config, "d_model", None) or config.hidden_size)
         self.max_length = max_length
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown text pooling {pooling!r}: choose one of {sorted(p for p in POOLINGS if p)}")
+        self.pooling = pooling
         self._cache = PromptCache(cache_size, cache_bytes)
 
     @torch.no_grad()
@@ -104,11 +107,13 @@ class TextEncoder(FrozenTextEncoder):
         lengths = batch["attention_mask"].sum(1).tolist()
         return [out[i, :n].clone() for i, n in enumerate(lengths)]   # own storage: the cache counts what it holds
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (B, Lmax, width) float32 on the CPU, zero-padded, and the bool mask of valid tokens."""
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """Features (B, Lmax, width) float32 on the CPU, zero-padded, and the bool mask of valid tokens;
+        with ``pooling``, a pooled vector (B, width) as a third tensor (what Switti-style models read)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return pad_features(self._encoded(prompts))
+        feats, mask = pad_features(self._encoded(prompts))
+        return (feats, mask) if self.pooling is None else (feats, mask, POOLINGS[self.pooling](feats, mask))
 
 
 class PromptCache:
@@ -239,6 +244,16 @@ def pad_features(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         feats[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = True
     return feats, mask
+
+
+def mean_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of each prompt's valid token features: (B, L, D), (B, L) -> (B, D)."""
+    m = mask.to(features.dtype).unsqueeze(-1)
+    return (features * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+# How a one-tower encoder gives the pooled vector a Switti-style model reads (the toy VQ model: "mean").
+POOLINGS = {None: None, "mean": mean_pool}
 
 
 def minilm_path() -> Path:

@@ -219,7 +219,7 @@ class VQVAE(nn.Module):
     def quantize_multiscale(self, latent: torch.Tensor, scales) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Latent (B, z, n, n) -> (indices per scale (B, h*w), summed codes); the last scale is n x n."""
         B, C, H, W = latent.shape
-        sides = _sides(scales)
+        sides = sides_of(scales)
         if sides[-1] != H or H != W:
             raise ValueError(f"the last scale ({sides[-1]}) must equal the latent's square grid ({H}x{W})")
         rest, summed = latent.float().clone(), torch.zeros_like(latent, dtype=torch.float32)
@@ -227,11 +227,7 @@ class VQVAE(nn.Module):
         out = []
         for si, s in enumerate(sides):
             z = rest if si == len(sides) - 1 else F.interpolate(rest, size=(s, s), mode="area")
-            z = z.permute(0, 2, 3, 1).reshape(-1, C)
-            # squared distances as VAR computes them (|z|^2 + |e|^2 - 2 z.e), so ties break alike
-            d = torch.sum(z.square(), dim=1, keepdim=True) + torch.sum(w.square(), dim=1)
-            d.addmm_(z, w.T, alpha=-2, beta=1)
-            idx = torch.argmin(d, dim=1).view(B, s * s)
+            idx = nearest_codes(z.permute(0, 2, 3, 1).reshape(-1, C), w).view(B, s * s)
             out.append(idx)
             step = self.add_scale(torch.zeros_like(summed), self.scale_codes(idx, s), si, len(sides))
             summed, rest = summed + step, rest - step
@@ -243,7 +239,7 @@ class VQVAE(nn.Module):
 
     def teacher_forcing_inputs(self, indices: list[torch.Tensor], scales) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices per scale -> (inputs of scales 1..N-1 (B, L - first, z), summed codes (B, z, n, n))."""
-        sides = _sides(scales)
+        sides = sides_of(scales)
         B, n = indices[0].shape[0], sides[-1]
         summed = torch.zeros(B, self.cfg.z_channels, n, n, device=self.device)
         rows = []
@@ -260,7 +256,16 @@ class VQVAE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _sides(scales) -> list[int]:
+def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Vectors (N, z) -> the index of each one's nearest code (N,)."""
+    with torch.no_grad():
+        # squared distances as VAR computes them (|z|^2 + |e|^2 - 2 z.e), so ties break alike
+        d = torch.sum(z.square(), dim=1, keepdim=True) + torch.sum(codebook.square(), dim=1)
+        d.addmm_(z, codebook.T, alpha=-2, beta=1)
+        return torch.argmin(d, dim=1)
+
+
+def sides_of(scales) -> list[int]:
     sides = []
     for g in scales:
         h, w = (g, g) if isinstance(g, int) else g
@@ -274,4 +279,4 @@ def vqvae_switti() -> VQVAEConfig:
     return VQVAEConfig()
 
 
-__all__ = ["VQVAE", "VQVAEConfig", "phi_index", "vqvae_switti"]
+__all__ = ["VQVAE", "VQVAEConfig", "nearest_codes", "phi_index", "sides_of", "vqvae_switti"]

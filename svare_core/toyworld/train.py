@@ -87,6 +87,15 @@ def _load_state(path: Path, module, opt) -> int:
     return int(state["step"])
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Pixel loss of an autoencoder on toy images. The shape covers a small part of the image: its
+    pixels weigh more, or the background dominates the loss and colours and patterns are learned late."""
+    fg = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
+    w = 1 + 4 * fg
+    err = rec - x
+    return (w * err**2).mean() + 0.2 * (w * err.abs()).mean()
+
+
 # -- stage 1 --------------------------------------------------------------------------------------
 def train_vae(out: Path, s: TrainSettings) -> BSQVAE:
     torch.manual_seed(s.seed)
@@ -101,12 +110,7 @@ def train_vae(out: Path, s: TrainSettings) -> BSQVAE:
         images, _, _ = world.make_dataset(s.vae_batch, s.seed + 1, offset=step * s.vae_batch, include_held_out=True)
         x = _images_to_tensor(images)
         rec, commit = vae(x, TOY_SCALES)
-        # The shape covers a small part of the image: weigh its pixels more, or the background
-        # dominates the loss and colours and patterns are learned late.
-        fg = ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.1).float()
-        w = 1 + 4 * fg
-        err = rec - x
-        loss = (w * err**2).mean() + 0.2 * (w * err.abs()).mean() + 0.25 * commit
+        loss = reconstruction_loss(rec, x) + 0.25 * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -129,17 +133,22 @@ def encode_dataset(out: Path, vae: BSQVAE, s: TrainSettings) -> Path:
         for c in caps:
             caption_ids.append(index.setdefault(c, len(index)))
     captions = list(index)
+    feats, lengths = encode_captions(captions)
+    atomic_save_safetensors({"latents": torch.cat(latents), "caption_ids": torch.tensor(caption_ids),
+                             "text": feats, "text_len": lengths}, path, {"captions": json.dumps(captions)})
+    return path
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str], max_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> their MiniLM features (N, max_len, 384) in fp16, zero-padded, and their lengths (N,)."""
     enc = TextEncoder(minilm_path())
     feats, lengths = [], []
     for i in tqdm(range(0, len(captions), 256), desc="encode captions"):
         f, m = enc.encode(captions[i:i + 256])
-        f = F.pad(f, (0, 0, 0, 32 - f.shape[1]))
-        feats.append(f.half())
+        feats.append(F.pad(f, (0, 0, 0, max_len - f.shape[1])).half())
         lengths.append(m.sum(1))
-    atomic_save_safetensors({"latents": torch.cat(latents), "caption_ids": torch.tensor(caption_ids),
-                             "text": torch.cat(feats), "text_len": torch.cat(lengths)},
-                            path, {"captions": json.dumps(captions)})
-    return path
+    return torch.cat(feats), torch.cat(lengths)
 
 
 # -- stage 3 --------------------------------------------------------------------------------------
