@@ -275,10 +275,9 @@ def _env(name: str, value: str):
 
 def forget_text_features(pipe) -> None:
     """Empty the text encoder's per-prompt feature cache of a pipeline Load VAR returned (it returns the
-    same cached pipeline every time), so a run does what it does in a freshly started ComfyUI. The cache
-    keeps each prompt's features as first computed, in a batch with other prompts, and the batch's padding
-    changes their last float digits: without this, a workflow's result would depend on the prompts encoded
-    before it in the same process (a patch trained after another workflow's training differs)."""
+    same cached pipeline every time), so a run does what it does in a freshly started ComfyUI. (Features no
+    longer depend on the other prompts of a batch, see TextEncoder._encode_uncached; this keeps each run's
+    encoding work, and its time, that of a fresh start.)"""
     encoder = getattr(pipe, "text_encoder", None)
     if hasattr(encoder, "clear_cache"):          # newer TextEncoder: keeps the cache's byte count right
         encoder.clear_cache()

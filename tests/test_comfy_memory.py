@@ -319,6 +319,20 @@ def test_text_feature_cache_is_bounded_in_bytes(text_encoder):
         text_encoder._cache.max_bytes = old
 
 
+def test_a_prompts_features_do_not_depend_on_what_is_encoded_with_it_or_before(text_encoder):
+    """A cached prompt must give what a fresh session gives: encoded alone, among longer and shorter
+    prompts, or after the cache saw it in another batch, its features are the same bits."""
+    prompt = "a red circle"
+    text_encoder.clear_cache()
+    alone, _ = text_encoder.encode([prompt])
+    text_encoder.clear_cache()
+    feats, mask = text_encoder.encode(["a dotted purple heart on a gray background", prompt, "x", "a blue star"])
+    assert int(mask[0].sum()) > int(mask[1].sum()) > int(mask[2].sum())   # really of three lengths
+    assert torch.equal(feats[1, : int(mask[1].sum())], alone[0])
+    assert torch.equal(text_encoder.encode([prompt])[0][0], alone[0])       # the cached copy
+    text_encoder.clear_cache()
+
+
 # -- out of memory --------------------------------------------------------------------------------
 CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which "
             "1.12 GiB is free. Including non-PyTorch memory, this process has 22.40 GiB memory in use.")

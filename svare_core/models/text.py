@@ -101,11 +101,20 @@ class TextEncoder(FrozenTextEncoder):
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
-        batch = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        out = self.model(**batch).last_hidden_state.float().cpu()
-        lengths = batch["attention_mask"].sum(1).tolist()
-        return [out[i, :n].clone() for i, n in enumerate(lengths)]   # own storage: the cache counts what it holds
+        # Prompts of one token length run together, unpadded: a padded batch changes a prompt's features
+        # (MiniLM: by up to 2e-6), so they would depend on which other prompts were encoded with it, and
+        # the text cache would make a result depend on what the session encoded before.
+        tokens = self.tokenizer(prompts, truncation=True, max_length=self.max_length)
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(tokens["input_ids"]):
+            by_length.setdefault(len(ids), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for rows in by_length.values():
+            batch = {k: torch.tensor([tokens[k][i] for i in rows], device=self.device) for k in tokens}
+            hidden = self.model(**batch).last_hidden_state.float().cpu()
+            for j, i in enumerate(rows):
+                out[i] = hidden[j].clone()     # own storage: the cache counts what it holds
+        return out
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
         """Features (B, Lmax, width) float32 on the CPU, zero-padded, and the bool mask of valid tokens;
