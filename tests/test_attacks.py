@@ -124,3 +124,10 @@ def test_attack_cli(tiny_pipeline, tmp_path, capsys):
     assert report["prompts"] == ["a red shape", "a red circle"]        # the patch's training prompts
     assert set(report) >= {"natural_prompts", "near_words", "concept_direction"} and "soft_prompt" not in report
     assert json.loads(capsys.readouterr().out)["concepts"]["red"] == report
+
+
+def test_vq_models_are_refused_in_one_line_before_any_work():
+    from svare_core import load_pipeline
+    vq = load_pipeline("toyworld_vq")
+    with pytest.raises(ValueError, match="bitwise models .* not supported yet: judge its erasure with `evaluate`"):
+        run_attacks(vq, vq, "red", PROMPTS, Judge("toyworld", "red"))

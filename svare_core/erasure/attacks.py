@@ -322,6 +322,11 @@ def run_attacks(base: VARPipeline, erased: VARPipeline, concept: str, prompts: l
     ``prompts`` name the concept as a word; each attack's success rate is the share of judged
     images (``budget.judge_seeds`` per condition, seeds from ``seed``) that show the concept.
     """
+    if "vq" in (getattr(base.transformer, "token_kind", "bits"), getattr(erased.transformer, "token_kind", "bits")):
+        # Their likelihoods are bitwise cross-entropies and their conditions (L, D) features: a VQ model's
+        # 4096-way codes and pooled text vector have no path here yet.
+        raise ValueError("the attacks run on bitwise models (Infinity, the toy model) only; a VQ model (Switti, "
+                         "toyworld_vq) is not supported yet: judge its erasure with `evaluate` instead")
     budget = budget or AttackBudget()
     budget.validate()
     settings = settings or SamplerSettings()

@@ -26,6 +26,7 @@ from ..erasure.evaluate import PromptSpec, diversity, frechet_distance, sample_i
 from ..erasure.pairs import mentions
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings
+from ..settings import resolve_sampler
 from . import world
 from .collateral import OTHER_SEEDS, distance_report, open_values, scene_agreement
 from .oracle import Oracle, attribute_of
@@ -119,7 +120,7 @@ def evaluate_toy(base: VARPipeline, erased: VARPipeline, concepts: list[str], *,
     open attributes are compared with the base model's on the concept prompts)."""
     for concept in concepts:                 # an unknown name fails now, not after the unrelated images
         attribute_of(concept)
-    settings = settings or SamplerSettings()
+    settings = settings or resolve_sampler(base)
     oracle = Oracle()
     report = {"concepts": {}, "settings": {"seeds_per_prompt": seeds, "first_seed": seed, "cfg": settings.cfg,
                                            "tau": settings.tau, "top_p": settings.top_p}}
@@ -199,8 +200,9 @@ def _histogram(values: list[str]) -> dict[str, float]:
 
 def quality_toy(pipe: VARPipeline, *, held_out: bool = False, seeds: int = 4, seed: int = 0,
                 settings: SamplerSettings | None = None, max_prompts: int | None = None) -> dict:
-    """Oracle accuracy per attribute on fully specified prompts (seen or held-out combos)."""
-    settings = settings or SamplerSettings()
+    """Oracle accuracy per attribute on fully specified prompts (seen or held-out combos); the model
+    family's sampler unless ``settings`` are given."""
+    settings = settings or resolve_sampler(pipe)
     combos = [c for c in itertools.product(world.SHAPES, world.COLOURS, world.STYLES)
               if (c in world.HELD_OUT_COMBOS) == held_out]
     if max_prompts:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from ..erasure.config import EraseConfig
 from ..sampling import SamplerSettings
+from ..sampling_vq import VQSamplerSettings
 from ..settings import Family
 
 WEIGHTS = Path(__file__).parent / "weights" / "toyworld.safetensors"
+WEIGHTS_VQ = Path(__file__).parent / "weights" / "toyworld_vq.safetensors"
 
 # The toy model's 32-bit tokens carry colour in a few bits of the coarsest scale, below the paper's
 # 25% token filter (8 bits): with it nothing at scale 0 learns and erasure stays at 0% (measured);
@@ -32,6 +34,16 @@ TOYWORLD = Family(
     pair_kind="toy", evaluation="toyworld")
 
 
+# The toy VQ model: a Switti (code indices, cross-attention on MiniLM, train_vq.py) on the same world,
+# so erasure of a VQ model is judged by the oracle. Sampler: see docs/toy-model.md for the settings
+# measured; erasure: the bitwise toy recipe, the filter on code ranks (losses.code_keep_mask, k = 1).
+TOYWORLD_VQ = Family(
+    "toyworld_vq", "the bundled toy VQ model (a Switti on the toy world, 64 px)",
+    sampler=VQSamplerSettings(cfg=3.0, top_k=0, top_p=0.0, cfg_start=0, cfg_stop=6, final_tau=None, smooth=False),
+    erase=TOYWORLD.erase,
+    pair_kind="toy", evaluation="toyworld")
+
+
 def _evaluate(base, erased, concepts, **options) -> dict:
     from .evaluate import evaluate_toy
     return evaluate_toy(base, erased, concepts, **options)
@@ -41,7 +53,9 @@ def register(registry) -> None:
     from .pairs import PAIR_KIND
 
     registry.add("bundled_model", "toyworld", WEIGHTS)
+    registry.add("bundled_model", "toyworld_vq", WEIGHTS_VQ)
     registry.add("family", TOYWORLD.name, TOYWORLD)
+    registry.add("family", TOYWORLD_VQ.name, TOYWORLD_VQ)
     registry.add("pair_kind", PAIR_KIND.name, PAIR_KIND)
     registry.add("evaluation", "toyworld", _evaluate)
     registry.add("detector", "toyworld", ("svare_core.toyworld.detector", "ToyWorldDetector", (), "(part of svare)"))
