@@ -247,7 +247,8 @@ def recording(p, run: Run, node_id: list):
         def generate(*args, **kwargs):
             result = real(*args, **kwargs)
             run.drawn.setdefault(node_id[0], []).append(result.images)
-            run.bits.setdefault(node_id[0], []).append(result.bits)
+            # the drawn tokens: bits of a bitwise model, code indices of a VQ model (Switti)
+            run.bits.setdefault(node_id[0], []).append(result.bits if hasattr(result, "bits") else result.indices)
             return result
         return generate
 

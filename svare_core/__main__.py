@@ -51,7 +51,7 @@ def _seed(value: str) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toyworld",
-                   help="'toyworld' (bundled), a svare file, or an Infinity or Switti checkpoint")
+                   help="a bundled model ('toyworld', or 'toyworld_vq': a Switti), a svare file, or an Infinity or Switti checkpoint")
     p.add_argument("--vae", default=None, help="VAE file (Infinity and Switti checkpoints need one; Switti: VQVAE-Switti)")
     p.add_argument("--text-encoder", nargs="+", default=None, metavar="PATH",
                    help="text encoder folder (Infinity: google/flan-t5-xl); Switti: its clip_l and clip_g folders or "

@@ -54,3 +54,17 @@ def test_results_page_holds_the_measured_tables():
     page = (docs / "results.md").read_text(encoding="utf-8")
     assert targets_table(data["rows"]) == data["targets"]
     assert data["table"] in page and data["targets"] in page
+
+
+def test_results_page_holds_the_vq_toy_model_tables():
+    """docs/results.md's section on the VQ toy model shows docs/erasure_vq.json's tables."""
+    import json
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    data = json.loads((docs / "erasure_vq.json").read_text())
+    page = (docs / "results.md").read_text(encoding="utf-8")
+    assert {r["model"] for r in data["rows"]} == {"toyworld_vq"}
+    assert targets_table(data["rows"]) == data["targets"]
+    assert data["table"] in page and data["targets"] in page
+    svare = next(r for r in data["rows"] if r["method"] == "svare")["report"]
+    assert svare["concepts"]["red"]["erasure_rate"] == 1.0 and svare["unrelated"]["preservation_unrelated"] >= 0.98

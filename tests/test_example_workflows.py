@@ -34,7 +34,8 @@ def checked():
 
 
 def test_the_workflows_are_in_example_workflows():
-    assert IDS == ["Erase style and compare", "Load patch and generate", "Multi-concept erasure", "Safety check"]
+    assert IDS == ["Erase style and compare", "Erase with Switti (VQ toy model)", "Load patch and generate",
+                   "Multi-concept erasure", "Safety check"]
     assert not (ROOT / "workflows").exists(), "ComfyUI lists example_workflows/ (the old workflows/ is gone)"
 
 

@@ -40,9 +40,9 @@ def load(path):
     return wf, {n["id"]: n for n in wf["nodes"]}
 
 
-def test_the_four_workflows_are_shipped():
+def test_the_five_workflows_are_shipped():
     assert {p.stem for p in WORKFLOWS} >= {"Erase style and compare", "Load patch and generate",
-                                           "Multi-concept erasure", "Safety check"}
+                                           "Multi-concept erasure", "Safety check", "Erase with Switti (VQ toy model)"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -123,7 +123,7 @@ def test_runs_on_the_toy_model_in_minutes(path):
     for n in nodes.values():
         w = widgets(n)
         if n["type"] == "SvareLoadVAR":
-            assert w["transformer"] == "toyworld (bundled)"
+            assert w["transformer"] in ("toyworld (bundled)", "toyworld_vq (bundled)")
         if n["type"] == "SvareEraseConcept":
             concepts = [c for c in w["concept"].split(",") if c.strip()]
             assert 0 < w["steps"] <= 200 * len(concepts), "the toy model's budget: 200 steps per concept"
