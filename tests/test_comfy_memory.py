@@ -330,6 +330,14 @@ def test_a_prompts_features_do_not_depend_on_what_is_encoded_with_it_or_before(t
     assert int(mask[0].sum()) > int(mask[1].sum()) > int(mask[2].sum())   # really of three lengths
     assert torch.equal(feats[1, : int(mask[1].sum())], alone[0])
     assert torch.equal(text_encoder.encode([prompt])[0][0], alone[0])       # the cached copy
+    # prompts of one length, many at once: the matmul's blocking over the batch must not show either
+    from svare_core.toyworld.pairs import preserve_prompts
+    prompts = preserve_prompts("red")
+    text_encoder.clear_cache()
+    together, mask = text_encoder.encode(prompts)
+    for i, p in enumerate(prompts):
+        text_encoder.clear_cache()
+        assert torch.equal(together[i, : int(mask[i].sum())], text_encoder.encode([p])[0][0]), p
     text_encoder.clear_cache()
 
 

@@ -137,10 +137,6 @@ def auxiliary_tokens(pipe: VARPipeline, prompts: list[str], *, seeds: list[int] 
     missing = [k for k in paths if k not in rows]
     for start in range(0, len(missing), batch_size):
         chunk = missing[start:start + batch_size]
-        # Each prompt encoded alone first, as when every image was drawn by itself: the text encoder's
-        # cache then holds those features, not ones carrying the rounding of a batch of prompts.
-        for prompt in dict.fromkeys(p for p, _ in chunk):
-            pipe.encode_prompts([prompt])
         on_scale = (lambda step: callback(done, total)) if callback is not None else None
         res = generate(pipe, [p for p, _ in chunk], seeds=[s for _, s in chunk], settings=settings, scales=scales,
                        decode=False, callback=on_scale)

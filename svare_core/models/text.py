@@ -101,19 +101,15 @@ class TextEncoder(FrozenTextEncoder):
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
-        # Prompts of one token length run together, unpadded: a padded batch changes a prompt's features
-        # (MiniLM: by up to 2e-6), so they would depend on which other prompts were encoded with it, and
-        # the text cache would make a result depend on what the session encoded before.
-        tokens = self.tokenizer(prompts, truncation=True, max_length=self.max_length)
-        by_length: dict[int, list[int]] = {}
-        for i, ids in enumerate(tokens["input_ids"]):
-            by_length.setdefault(len(ids), []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(prompts)
-        for rows in by_length.values():
-            batch = {k: torch.tensor([tokens[k][i] for i in rows], device=self.device) for k in tokens}
-            hidden = self.model(**batch).last_hidden_state.float().cpu()
-            for j, i in enumerate(rows):
-                out[i] = hidden[j].clone()     # own storage: the cache counts what it holds
+        # One prompt at a time: in a batch a prompt's features depend on the others, through the padding
+        # (MiniLM: up to 2e-6) and, even among prompts of one length, through the matmul's blocking over
+        # the batch (3e-6). The text cache would then make a result depend on what the session encoded
+        # before (a warm erasure cache trained another patch than a cold one).
+        out = []
+        for prompt in prompts:
+            batch = self.tokenizer([prompt], truncation=True, max_length=self.max_length, return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out.append(self.model(**batch).last_hidden_state[0].float().cpu())
         return out
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
