@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -158,20 +159,18 @@ def scale_weights(scales) -> torch.Tensor:
     return w * (w.numel() / w.sum())
 
 
-def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
-    from safetensors.torch import load_file
-    torch.manual_seed(s.seed)
-    data = load_file(str(data_path))
-    latents, cap_ids, text, text_len = data["latents"], data["caption_ids"], data["text"], data["text_len"]
-    model = Infinity(toy_transformer_config())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "cfg_uncond" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "cfg_uncond" not in n)]
+def fit_transformer(out: Path, model: torch.nn.Module, s, batch_loss: Callable[[torch.Generator], torch.Tensor]):
+    """The transformer stage's loop, shared by the toy models: AdamW (no decay on vectors and the learned
+    unconditional text), cosine learning rate, gradient clipping, a log line every 25 steps and a
+    resumable checkpoint every 250. ``batch_loss(generator)`` draws one batch and returns its loss."""
+    decays = lambda n, p: p.dim() >= 2 and "cfg_uncond" not in n          # noqa: E731
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=s.lr, betas=(0.9, 0.97))
     ckpt = out / "transformer"
     step = _load_state(ckpt, model, opt)
     gen = torch.Generator().manual_seed(s.seed + step)
-    weights = scale_weights(TOY_SCALES)
     start, log, done = time.time(), open(out / "transformer_log.jsonl", "a"), step
     bar = tqdm(range(step, s.steps), desc="transformer", initial=step, total=s.steps)
     for step in bar:
@@ -180,17 +179,7 @@ def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
         lr = _cosine_lr(step, s.steps, s.lr, s.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, latents.shape[0], (s.batch,), generator=gen)
-        labels, x_in, _ = quantize_multiscale(latents[idx].float(), TOY_SCALES, flip_prob=s.flip_prob, generator=gen)
-        labels = torch.cat(labels, dim=1)
-        ci = cap_ids[idx]
-        L = int(text_len[ci].max())
-        feats = text[ci, :L].float()
-        mask = torch.arange(L)[None] < text_len[ci][:, None]
-        drop = torch.rand(s.batch, generator=gen) < s.cond_drop
-        feats = model.drop_condition(feats, mask, drop)
-        logits = model(model.encode_text(feats, mask), x_in, TOY_SCALES)
-        loss = (bit_losses(logits, labels).mean(-1) * weights).mean()
+        loss = batch_loss(gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -207,6 +196,46 @@ def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
     return model.eval()
 
 
+def train_transformer(out: Path, data_path: Path, s: TrainSettings) -> Infinity:
+    from safetensors.torch import load_file
+    torch.manual_seed(s.seed)      # the model's initial weights
+    data = load_file(str(data_path))
+    latents, cap_ids, text, text_len = data["latents"], data["caption_ids"], data["text"], data["text_len"]
+    model = Infinity(toy_transformer_config())
+    weights = scale_weights(TOY_SCALES)
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, latents.shape[0], (s.batch,), generator=gen)
+        labels, x_in, _ = quantize_multiscale(latents[idx].float(), TOY_SCALES, flip_prob=s.flip_prob, generator=gen)
+        labels = torch.cat(labels, dim=1)
+        ci = cap_ids[idx]
+        L = int(text_len[ci].max())
+        feats = text[ci, :L].float()
+        mask = torch.arange(L)[None] < text_len[ci][:, None]
+        drop = torch.rand(s.batch, generator=gen) < s.cond_drop
+        feats = model.drop_condition(feats, mask, drop)
+        logits = model(model.encode_text(feats, mask), x_in, TOY_SCALES)
+        return (bit_losses(logits, labels).mean(-1) * weights).mean()
+
+    return fit_transformer(out, model, s, batch_loss)
+
+
+def trained_steps(out: Path) -> int:
+    """The steps the transformer checkpoint in ``out`` has trained."""
+    from safetensors import safe_open
+    with safe_open(str((out / "transformer").with_suffix(".safetensors")), "pt") as f:
+        return int(f.metadata()["step"])
+
+
+def start_run(out: str | Path, s) -> Path:
+    """The working folder, made, with the run's settings written and the thread count set."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(s.threads)
+    (out / "settings.json").write_text(json.dumps(asdict(s), indent=1))
+    return out
+
+
 # -- stage 4 --------------------------------------------------------------------------------------
 def export(out: Path, dest: Path, vae: BSQVAE, model: Infinity, s: TrainSettings, steps: int) -> Path:
     return save_model(dest, transformer=model, vae=vae, text_encoder="minilm", scales=TOY_SCALES,
@@ -214,14 +243,8 @@ def export(out: Path, dest: Path, vae: BSQVAE, model: Infinity, s: TrainSettings
 
 
 def train_all(out: str | Path, s: TrainSettings, dest: str | Path | None = None) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(s.threads)
-    (out / "settings.json").write_text(json.dumps(asdict(s), indent=1))
+    out = start_run(out, s)
     vae = train_vae(out, s)
     data = encode_dataset(out, vae, s)
     model = train_transformer(out, data, s)
-    from safetensors import safe_open
-    with safe_open(str((out / "transformer").with_suffix(".safetensors")), "pt") as f:
-        steps = int(f.metadata()["step"])
-    return export(out, Path(dest) if dest else out / "toyworld.safetensors", vae, model, s, steps)
+    return export(out, Path(dest) if dest else out / "toyworld.safetensors", vae, model, s, trained_steps(out))

@@ -12,7 +12,6 @@ Stages (each resumable, each seeded), as for the bitwise toy model (train.py):
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ..models.text import mean_pool
 from ..models.vqvae import VQVAE, VQVAEConfig, nearest_codes, sides_of
 from . import world
 from .train import (TOY_SCALES, _cosine_lr, _images_to_tensor, _load_state, _save_state, encode_captions,
-                    reconstruction_loss, scale_weights)
+                    fit_transformer, reconstruction_loss, scale_weights, start_run, trained_steps)
 
 TEXT_POOLING = "mean"      # the pooled vector Switti's AdaLN reads: MiniLM has no pooled output of its own
 
@@ -156,27 +155,14 @@ def encode_dataset(out: Path, vae: VQVAE, s: VQTrainSettings) -> Path:
 # -- stage 3 --------------------------------------------------------------------------------------
 def train_transformer(out: Path, vae: VQVAE, data_path: Path, s: VQTrainSettings) -> Switti:
     from safetensors.torch import load_file
-    torch.manual_seed(s.seed)
+    torch.manual_seed(s.seed)      # the model's initial weights
     data = load_file(str(data_path))
     indices, cap_ids, text, text_len = data["indices"], data["caption_ids"], data["text"], data["text_len"]
     model = Switti(toy_switti_config())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=s.lr, betas=(0.9, 0.97))
-    ckpt = out / "transformer"
-    step = _load_state(ckpt, model, opt)
-    gen = torch.Generator().manual_seed(s.seed + step)
     weights = scale_weights(TOY_SCALES)
     splits = [h * w for h, w in TOY_SCALES]
-    start, log, done = time.time(), open(out / "transformer_log.jsonl", "a"), step
-    bar = tqdm(range(step, s.steps), desc="transformer", initial=step, total=s.steps)
-    for step in bar:
-        if s.minutes and time.time() - start > s.minutes * 60:
-            break
-        lr = _cosine_lr(step, s.steps, s.lr, s.warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
         rows = torch.randint(0, indices.shape[0], (s.batch,), generator=gen)
         labels = indices[rows].long()
         with torch.no_grad():
@@ -186,24 +172,11 @@ def train_transformer(out: Path, vae: VQVAE, data_path: Path, s: VQTrainSettings
         L = int(text_len[ci].max())
         feats = text[ci, :L].float()
         mask = torch.arange(L)[None] < text_len[ci][:, None]
-        cond = model.encode_text(feats, mask, mean_pool(feats, mask))
-        logits = model(cond, x_in, TOY_SCALES)
+        logits = model(model.encode_text(feats, mask, mean_pool(feats, mask)), x_in, TOY_SCALES)
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        loss = (ce * weights).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 25 == 0:
-            log.write(json.dumps({"step": step, "loss": loss.item(), "grad_norm": gn.item(), "lr": lr,
-                                  "t": time.time() - start}) + "\n")
-            log.flush()
-        done = step + 1
-        if done % 250 == 0:
-            _save_state(ckpt, model, opt, done)
-    _save_state(ckpt, model, opt, done)
-    return model.eval()
+        return (ce * weights).mean()
+
+    return fit_transformer(out, model, s, batch_loss)
 
 
 # -- stage 4 --------------------------------------------------------------------------------------
@@ -214,15 +187,9 @@ def export(dest: Path, vae: VQVAE, model: Switti, s: VQTrainSettings, steps: int
 
 
 def train_all(out: str | Path, s: VQTrainSettings, dest: str | Path | None = None) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(s.threads)
-    (out / "settings.json").write_text(json.dumps(asdict(s), indent=1))
+    out = start_run(out, s)
     vae = train_vae(out, s)
     vae.requires_grad_(False)
     data = encode_dataset(out, vae, s)
     model = train_transformer(out, vae, data, s)
-    from safetensors import safe_open
-    with safe_open(str((out / "transformer").with_suffix(".safetensors")), "pt") as f:
-        steps = int(f.metadata()["step"])
-    return export(Path(dest) if dest else out / "toyworld_vq.safetensors", vae, model, s, steps)
+    return export(Path(dest) if dest else out / "toyworld_vq.safetensors", vae, model, s, trained_steps(out))
