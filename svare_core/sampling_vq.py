@@ -98,6 +98,13 @@ def guidance_weight(si: int, n: int, s: VQSamplerSettings) -> float:
     return s.cfg * si / (n - 1) if s.cfg_start <= si < s.cfg_stop else 0.0
 
 
+def token_guidance(s: VQSamplerSettings, scales) -> torch.Tensor:
+    """The guidance weight of every token of ``scales`` (L,): 1 + guidance_weight of its scale, the
+    weight a teacher-forced pass guides with to match the sampler (erasure, attacks)."""
+    n = len(scales)
+    return torch.cat([torch.full((h * w,), 1.0 + guidance_weight(si, n, s)) for si, (h, w) in enumerate(scales)])
+
+
 def guide(logits: torch.Tensor, si: int, n: int, rows: int, s: VQSamplerSettings) -> torch.Tensor:
     """The logits a scale samples from: conditional rows, guided on [cfg_start, cfg_stop), tempered after."""
     if si >= s.cfg_stop:

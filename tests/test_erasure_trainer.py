@@ -597,3 +597,16 @@ def test_robust_erasure_trains_on_adversarial_conditions(tiny_pipeline, monkeypa
     with pytest.raises(ValueError, match="names its concept"):
         erase(tiny_pipeline, [type(PAIRS[0])("a red shape", "a blue shape")],      # untagged: no concept word
               with_options(EraseConfig(), steps=1, robust=True))
+
+
+def test_robust_erasure_on_a_vq_model():
+    """The adversarial pool on the VQ toy model (a Switti): its soft-prompt features reach the model with
+    the pooled vector recomputed from them, and the attack is guided by the sampler's ramp."""
+    from svare_core import load_pipeline
+    from svare_core.settings import resolve_erase
+
+    vq = load_pipeline("toyworld_vq")
+    cfg = resolve_erase(vq, PAIRS, steps=2, aux_samples=1, robust=True, adversarial_every=1, adversarial_steps=1)
+    res = erase(vq, PAIRS, cfg)
+    assert [h["adversarial_pairs"] for h in res.history] == [float(cfg.pairs_per_step)] * 2   # all name "red"
+    assert all(math.isfinite(h["erase"]) for h in res.history) and res.patch.tensors

@@ -9,7 +9,7 @@ rate is the share of images that show the concept. The attacks, weakest access f
   "a {word}" and "a {concept}" are, put in place of the concept in its prompts
 - token search (prompt space, gray-box): a discrete search over those words (and pairs of them)
   for the ones under which the erased model gives the base model's concept images the highest
-  likelihood (teacher-forced bitwise cross-entropy)
+  likelihood (teacher-forced cross-entropy: of the bits, or of a VQ model's codes)
 - soft prompt (embedding space, white-box, in the manner of UnlearnDiffAtk): the concept's token
   embeddings replaced by a few free vectors, optimised through the frozen text encoder so that
   the erased model reproduces the base model's concept images
@@ -18,6 +18,11 @@ rate is the share of images that show the concept. The attacks, weakest access f
 
 The base model's concept images are the targets (auxiliary tokens drawn for the attack prompts).
 The judge is a detector: the toy world's oracle (``toyworld``), NudeNet, CLIP, ...
+
+Bitwise models (Infinity, the toy model) and VQ models (Switti-style, the toy VQ model) are attacked
+the same way; a VQ model's pooled text vector is recomputed from the attacked features, so its text
+encoder must be one tower that pools its own features (``TextEncoder(pooling=...)``): Switti's CLIP
+pair pools inside its second tower and is not supported yet.
 """
 from __future__ import annotations
 
@@ -28,11 +33,10 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from ..models.bitwise import bit_losses
-from ..models.text import pad_features
+from ..models.text import POOLINGS, pad_features
 from ..pipeline import VARPipeline
 from ..sampling import SamplerSettings, generate
-from .losses import guided_logits
+from .losses import guided_logits, symbol_losses
 from .pairs import mentions
 from .tokens import auxiliary_tokens
 
@@ -87,13 +91,15 @@ class InjectedFeatures:
     def __getattr__(self, name):
         return getattr(self._encoder, name)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
         if isinstance(prompts, str):
             prompts = [prompts]
         others = [p for p in prompts if p not in self._features]
-        encoded = iter(_unpadded(*self._encoder.encode(others)) if others else [])
-        return pad_features([self._features[p].detach().float().cpu() if p in self._features else next(encoded)
-                             for p in prompts])
+        encoded = iter(_unpadded(*self._encoder.encode(others)[:2]) if others else [])
+        feats, mask = pad_features([self._features[p].detach().float().cpu() if p in self._features else next(encoded)
+                                    for p in prompts])
+        pool = POOLINGS.get(getattr(self._encoder, "pooling", None))
+        return (feats, mask) if pool is None else (feats, mask, pool(feats, mask))
 
 
 def _unpadded(feats: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -124,12 +130,56 @@ def _rates(judge: Judge, erased: VARPipeline, base: VARPipeline, conditions: lis
             "num_images": len(conditions) * n}
 
 
+# -- the two families: conditions from features, guidance ------------------------------------------
+def _is_vq(pipe: VARPipeline) -> bool:
+    return getattr(pipe.transformer, "token_kind", "bits") == "vq"
+
+
+def check_attackable(pipe: VARPipeline) -> None:
+    """Refuse, in one line, a model whose conditions the attacks cannot build from text features."""
+    if _is_vq(pipe) and POOLINGS.get(getattr(pipe.text_encoder, "pooling", None)) is None:
+        raise ValueError("the attacks on a VQ model recompute its pooled text vector from the attacked features, "
+                         "which needs a one-tower text encoder that pools its own features (the toy VQ model's); "
+                         "Switti's CLIP pair is not supported yet: judge its erasure with `evaluate` instead")
+
+
+def text_condition(pipe: VARPipeline, feats: torch.Tensor, mask: torch.Tensor):
+    """The transformer's condition of padded features (B, L, D) and mask; a VQ model's pooled vector
+    pooled from them as its text encoder pools (differentiable in ``feats``)."""
+    model = pipe.transformer
+    if _is_vq(pipe):
+        return model.encode_text(feats, mask, POOLINGS[pipe.text_encoder.pooling](feats, mask))
+    return model.encode_text(feats, mask)
+
+
+def unconditional(pipe: VARPipeline, mask: torch.Tensor):
+    """Guidance's unconditional rows, as the sampler builds them: Infinity's learned empty features under
+    the prompts' mask; a VQ model's encoding of the empty prompt."""
+    model = pipe.transformer
+    if _is_vq(pipe):
+        return model.encode_text(*pipe.encode_prompts([""] * len(mask)))
+    return model.encode_text(model.uncond_features(mask), mask)
+
+
+def attack_guidance(pipe: VARPipeline, settings: SamplerSettings, scales) -> float | torch.Tensor:
+    """The guidance the teacher-forced likelihoods use, matching the sampler's: one weight (bitwise), or
+    a VQ model's ramp over the scales, one weight per token."""
+    if _is_vq(pipe):
+        from ..sampling_vq import VQSamplerSettings, token_guidance
+        return token_guidance(settings if isinstance(settings, VQSamplerSettings) else VQSamplerSettings(), scales)
+    return settings.cfg_at(0, len(scales))
+
+
+def _guided(guidance: float | torch.Tensor) -> bool:
+    return isinstance(guidance, torch.Tensor) or guidance != 1.0
+
+
 # -- what the attacks optimise: the erased model's likelihood of the base model's concept images -------
 @dataclass
 class Targets:
     prompts: list[str]
     inputs: torch.Tensor           # (N, L - 1, d) teacher-forcing inputs
-    bits: torch.Tensor             # (N, L, d)
+    labels: torch.Tensor           # (N, L, d) bits, or (N, L) VQ code indices
     rows: list[int]                # which prompt each image belongs to
 
 
@@ -146,25 +196,24 @@ def concept_targets(base: VARPipeline, prompts: list[str], images: int, settings
     return targets_of(aux, prompts)
 
 
-def concept_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets, scales, guidance: float
-                ) -> torch.Tensor:
-    """Mean bitwise cross-entropy of the target images under ``pipe``'s guided logits, one feature
-    tensor (L, D) per target prompt (differentiable in the features)."""
+def concept_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets, scales,
+                guidance: float | torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (per bit, or per VQ code) of the target images under ``pipe``'s guided logits,
+    one feature tensor (L, D) per target prompt (differentiable in the features)."""
     model = pipe.transformer
     feats, mask = pad_features([features[r] for r in targets.rows])
     feats, mask = feats.to(model.device), mask.to(model.device)
-    x, y = targets.inputs.to(model.device), targets.bits.to(model.device)
-    cond = model(model.encode_text(feats, mask), x, scales)
-    logits = cond
-    if guidance != 1.0:
+    x, y = targets.inputs.to(model.device), targets.labels.to(model.device)
+    logits = model(text_condition(pipe, feats, mask), x, scales)
+    if _guided(guidance):
         with torch.no_grad():
-            uncond = model(model.encode_text(model.uncond_features(mask), mask), x, scales)
-        logits = guided_logits(cond, uncond, guidance)
-    return bit_losses(logits, y).mean()
+            uncond = model(unconditional(pipe, mask), x, scales)
+        logits = guided_logits(logits, uncond, guidance)
+    return symbol_losses(logits, y).mean()
 
 
 def _encoded(pipe: VARPipeline, prompts: list[str]) -> list[torch.Tensor]:
-    return _unpadded(*pipe.text_encoder.encode(prompts))
+    return _unpadded(*pipe.text_encoder.encode(prompts)[:2])
 
 
 def substitute(prompt: str, concept: str, words: str) -> str:
@@ -322,14 +371,16 @@ def run_attacks(base: VARPipeline, erased: VARPipeline, concept: str, prompts: l
     ``prompts`` name the concept as a word; each attack's success rate is the share of judged
     images (``budget.judge_seeds`` per condition, seeds from ``seed``) that show the concept.
     """
-    if "vq" in (getattr(base.transformer, "token_kind", "bits"), getattr(erased.transformer, "token_kind", "bits")):
-        # Their likelihoods are bitwise cross-entropies and their conditions (L, D) features: a VQ model's
-        # 4096-way codes and pooled text vector have no path here yet.
-        raise ValueError("the attacks run on bitwise models (Infinity, the toy model) only; a VQ model (Switti, "
-                         "toyworld_vq) is not supported yet: judge its erasure with `evaluate` instead")
+    check_attackable(base)
+    check_attackable(erased)
     budget = budget or AttackBudget()
     budget.validate()
-    settings = settings or SamplerSettings()
+    if settings is None:
+        from ..settings import resolve_sampler      # settings imports the erasure package
+        try:
+            settings = resolve_sampler(erased)
+        except ValueError:                          # a model of no known family
+            settings = SamplerSettings()
     unknown = sorted(set(attacks) - set(ATTACKS))
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; choose from {list(ATTACKS)}")
@@ -337,7 +388,7 @@ def run_attacks(base: VARPipeline, erased: VARPipeline, concept: str, prompts: l
     if not prompts:
         raise ValueError(f"no attack prompt names the concept {concept!r} as a word: give prompts that do")
     scales = [tuple(s) for s in (scales or erased.default_scales("1:1", "0.06M"))]
-    guidance = settings.cfg_at(0, len(scales))
+    guidance = attack_guidance(erased, settings, scales)
     t0 = time.time()
     report = {"concept": concept, "judge": {"detector": judge.detector, "threshold": judge.threshold},
               "prompts": prompts, "budget": asdict(budget), "first_seed": seed,

@@ -15,18 +15,17 @@ from dataclasses import replace
 
 import torch
 
-from ..sampling import SamplerSettings
 from .attacks import InjectedFeatures, concept_embedding, optimise_soft_tokens, soft_prompt_features, targets_of
 from .pairs import PromptPair, mentions
 from .run import ErasureRun
-from .tokens import auxiliary_tokens, prompt_seeds
+from .tokens import aux_settings, auxiliary_tokens, prompt_seeds
 
 
 class AdversarialPool:
     """The adversarial conditions of one run: unsafe prompt -> the name its latest features go by."""
 
     def __init__(self, run: ErasureRun):
-        cfg, r = run.cfg, run.cfg.research
+        cfg = run.cfg
         self.attackable = [p for p in run.pairs if p.concept and mentions(p.unsafe, p.concept)]
         if not self.attackable:
             raise ValueError("robust erasure attacks the concept's word in the unsafe prompts, and no pair's unsafe "
@@ -38,7 +37,7 @@ class AdversarialPool:
         self.steps_taken = 0
         self.attack_seconds = 0.0
         run.pipe = replace(run.pipe, text_encoder=InjectedFeatures(run.pipe.text_encoder, self.features))
-        settings = SamplerSettings(cfg=cfg.teacher_cfg, tau=r.teacher_tau, top_p=r.aux_top_p)
+        settings = aux_settings(run.pipe, cfg)
         unsafe = list(dict.fromkeys(p.unsafe for p in self.attackable))
         # What the frozen model draws for the unsafe prompts: the images an attacker wants back.
         self.targets = auxiliary_tokens(run.pipe, unsafe, seeds=lambda p: prompt_seeds(p, cfg.seed + 7, 1),
@@ -68,7 +67,8 @@ class AdversarialPool:
                 start = concept_embedding(enc, concept, r.adversarial_tokens)
             spread = float(concept_embedding(enc, concept, 1).std())
             self.soft[concept], _ = optimise_soft_tokens(attacked, concept, targets, start, r.adversarial_steps,
-                                                         r.adversarial_lr * spread, run.scales, run.cfg.teacher_cfg)
+                                                         r.adversarial_lr * spread, run.scales,
+                                                         run.guidance(run.cfg.teacher_cfg))
             with torch.no_grad():
                 feats = soft_prompt_features(enc, prompts, concept, self.soft[concept])
             for prompt, f in zip(prompts, feats):

@@ -72,10 +72,9 @@ class ErasureRun:
         sampler's ramp with cfg = ``weight``: 1 + cfg * si / (S-1) on its guided scales, 1 elsewhere."""
         if getattr(self.frozen, "token_kind", "bits") != "vq":
             return weight
-        from ..sampling_vq import VQSamplerSettings, guidance_weight
+        from ..sampling_vq import VQSamplerSettings, token_guidance
         s = self.sampler if isinstance(self.sampler, VQSamplerSettings) else VQSamplerSettings()
-        s, n = replace(s, cfg=weight), len(self.scales)
-        return torch.cat([torch.full((h * w,), 1.0 + guidance_weight(si, n, s)) for si, (h, w) in enumerate(self.scales)])
+        return token_guidance(replace(s, cfg=weight), self.scales)
 
     def student_logits(self, prompts: list[str], x: torch.Tensor, guidance: float) -> torch.Tensor:
         """The student's conditional logits, or with ``guidance`` != 1 its guided ones, the distribution
