@@ -224,3 +224,8 @@ def test_vq_model_without_a_self_pooling_encoder_is_refused_in_one_line(vq_model
     with pytest.raises(ValueError, match="one-tower text encoder .* Switti's CLIP pair is not supported yet"):
         run_attacks(clip_like, clip_like, "red", PROMPTS, Judge("toyworld", "red"))
     check_attackable(vq)
+    from svare_core.erasure import erase, expand_concept
+    from svare_core.settings import resolve_erase
+    pairs = expand_concept("red", "blue", "toy")[:1]
+    with pytest.raises(ValueError, match="Switti's CLIP pair is not supported yet.*without robust"):
+        erase(clip_like, pairs, resolve_erase(clip_like, pairs, steps=1, robust=True))

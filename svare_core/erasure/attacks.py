@@ -140,7 +140,8 @@ def check_attackable(pipe: VARPipeline) -> None:
     if _is_vq(pipe) and POOLINGS.get(getattr(pipe.text_encoder, "pooling", None)) is None:
         raise ValueError("the attacks on a VQ model recompute its pooled text vector from the attacked features, "
                          "which needs a one-tower text encoder that pools its own features (the toy VQ model's); "
-                         "Switti's CLIP pair is not supported yet: judge its erasure with `evaluate` instead")
+                         "Switti's CLIP pair is not supported yet: judge its erasure with `evaluate`, and erase "
+                         "it without robust")
 
 
 def text_condition(pipe: VARPipeline, feats: torch.Tensor, mask: torch.Tensor):

@@ -18,6 +18,7 @@ from ..models.infinity import Infinity
 from ..models.switti import Switti
 from ..pipeline import VARPipeline
 from . import cache as erasure_cache
+from .attacks import check_attackable
 from .config import EraseConfig
 from .methods import method_for
 from .pairs import PromptPair, validate_pairs
@@ -68,6 +69,8 @@ def erase(pipe: VARPipeline, pairs: list[PromptPair], config: EraseConfig | None
     cfg.validate()
     method = method_for(cfg.method)
     pairs = validate_pairs(list(pairs))
+    if cfg.robust:                       # before the (slow) training targets
+        check_attackable(pipe)
     preserve_prompts = method.preserve_prompts(cfg, preserve_prompts or [])
     scales = [tuple(s) for s in (scales or pipe.default_scales("1:1", "0.06M"))]
     device = pipe.transformer.device
