@@ -17,7 +17,7 @@ from .loaders import MODEL
 
 PATCH = "SVARE_ERASURE_PATCH"
 SETTINGS = "SVARE_ERASE_SETTINGS"
-TRAINABLE = ("xattn_ffn", "xattn", "xattn_kv", "ffn", "lora")
+TRAINABLE = ("xattn_ffn", "xattn", "xattn_kv", "xattn_pool", "ffn", "lora")
 
 
 def describe(patch: ErasurePatch) -> str:
@@ -64,8 +64,10 @@ class EraseConcept:
             "trainable": ([AUTO, *TRAINABLE], {"default": d["trainable"],
                                                "tooltip": "Which weights learn: cross-attention and/or feed-forward "
                                                           "layers (xattn_kv: only the text side of cross-"
-                                                          "attention), or LoRA adapters on the attention. auto: "
-                                                          "the model's (toy model xattn, Infinity lora)."}),
+                                                          "attention; xattn_pool: cross-attention and the pooled "
+                                                          "text's projection), or LoRA adapters on the attention. "
+                                                          "auto: the model's (toy model xattn, xattn_pool when "
+                                                          "robust; Infinity lora)."}),
             "lora_rank": ("INT", {"default": d["lora_rank"], "min": 0, "max": 128,
                                   "tooltip": "Rank of the LoRA adapters (only for trainable = lora). 0: the model's (4)."}),
             "preservation_weight": ("FLOAT", {"default": d["preservation_weight"], "min": -1.0, "max": 10.0,
@@ -161,7 +163,7 @@ class EraseSettings:
                                           "tooltip": "Preservation prompts in each preservation step, per concept. "
                                                      "-1: the model's (1)."}),
             "aux_samples": ("INT", {"default": 0, "min": 0, "max": 16,
-                                    "tooltip": "Target images drawn per safe prompt. 0: the model's (toy 2, "
+                                    "tooltip": "Target images drawn per safe prompt. 0: the model's (toy 8, "
                                                "Infinity 1)."}),
             "student_cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                       "tooltip": "Guidance on the trained model's logits in the losses (1 = plain "
@@ -180,17 +182,23 @@ class EraseSettings:
                                                              "tooltip": "Recompute activations in the backward "
                                                                         "pass (less memory). auto: the model's "
                                                                         "(Infinity on)."}),
+            "robust": ([AUTO, "on", "off"], {"default": AUTO,
+                                             "tooltip": "S-VARE only: also train under the conditions attacks build "
+                                                        "(soft prompts, near words, the concept direction), with the "
+                                                        "model's robust recipe. About 2-2.5x the training time on the "
+                                                        "toy model. auto: off."}),
         }}
 
     def settings(self, pairs_per_step, preserve_per_step, aux_samples, student_cfg, token_error_rate, lora_targets,
-                 precision, gradient_checkpointing):
+                 precision, gradient_checkpointing, robust=AUTO):
         chosen = {"pairs_per_step": pairs_per_step or None,
                   "preserve_per_step": None if preserve_per_step < 0 else preserve_per_step,
                   "aux_samples": aux_samples or None, "student_cfg": student_cfg or None,
                   "token_error_rate": None if token_error_rate < 0 else token_error_rate,
                   "lora_targets": None if lora_targets == AUTO else lora_targets,
                   "precision": None if precision == AUTO else precision,
-                  "gradient_checkpointing": None if gradient_checkpointing == AUTO else gradient_checkpointing == "on"}
+                  "gradient_checkpointing": None if gradient_checkpointing == AUTO else gradient_checkpointing == "on",
+                  "robust": None if robust == AUTO else robust == "on"}
         return ({k: v for k, v in chosen.items() if v is not None},)
 
 

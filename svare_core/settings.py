@@ -28,6 +28,7 @@ class Family:
     erase: EraseConfig                     # steps and preserve_per_step are per concept
     pair_kind: str = "object"              # how its concepts expand into prompt pairs by default
     evaluation: str | None = None          # the evaluation plug-in that judges its erasures without a detector
+    robust_erase: tuple[tuple[str, object], ...] = ()   # settings robust erasure changes (before the user's)
 
 
 # The authors' values: sampling cfg 4, tau 0.5, top-p 0.97 (2B); erasure lr 2.3e-5, 500 iterations.
@@ -89,9 +90,12 @@ def resolve_erase(model: VARPipeline | Family | str, concepts: int | Iterable[Pr
     Per concept: unless ``steps`` is given, erasing n concepts at once runs n times the family's
     iterations; the preservation prompts drawn each step (given or default) are per concept too,
     so each concept keeps its preservation rate. ``options`` may name research knobs; None: unset.
+    Robust erasure starts from the family's robust recipe (``Family.robust_erase``) where it has one.
     """
     family, n = family_of(model), count_concepts(concepts)
     options = {k: v for k, v in options.items() if v is not None}
+    if options.get("robust", family.erase.robust):
+        options = {**dict(family.robust_erase), **options}
     cfg = with_options(family.erase, **options)
     return replace(cfg, steps=cfg.steps if "steps" in options else cfg.steps * n,
                    preserve_per_step=cfg.preserve_per_step * n)

@@ -201,6 +201,12 @@ def concept_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Target
                 guidance: float | torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy (per bit, or per VQ code) of the target images under ``pipe``'s guided logits,
     one feature tensor (L, D) per target prompt (differentiable in the features)."""
+    return token_nll(pipe, features, targets, scales, guidance).mean()
+
+
+def token_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets, scales,
+              guidance: float | torch.Tensor) -> torch.Tensor:
+    """concept_nll per token: (N, L), the mean over a token's bits (one VQ code: its cross-entropy)."""
     model = pipe.transformer
     feats, mask = pad_features([features[r] for r in targets.rows])
     feats, mask = feats.to(model.device), mask.to(model.device)
@@ -210,7 +216,7 @@ def concept_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Target
         with torch.no_grad():
             uncond = model(unconditional(pipe, mask), x, scales)
         logits = guided_logits(logits, uncond, guidance)
-    return symbol_losses(logits, y).mean()
+    return symbol_losses(logits, y).mean(-1)
 
 
 def _encoded(pipe: VARPipeline, prompts: list[str]) -> list[torch.Tensor]:

@@ -27,10 +27,13 @@ class Research:
     betas: tuple[float, float] = (0.9, 0.97)
     max_bad_steps: int = 10               # consecutive non-finite losses before giving up
     aux_seeds: str = "per_prompt"         # per_prompt (each safe prompt its own seeds) | shared (seed, seed+1, ... for all)
-    adversarial_every: int = 10           # robust: steps between refreshes of the soft-prompt attack
-    adversarial_steps: int = 5            # robust: attack steps a refresh
+    adversarial_every: int = 25           # robust: steps between soft-prompt attacks on the model being trained
+    adversarial_steps: int = 20           # robust: Adam steps of each attack (from the concept's embedding)
     adversarial_tokens: int = 2           # robust: soft tokens in place of the concept's
     adversarial_lr: float = 0.05          # robust: attack step, in units of the embeddings' spread
+    adversarial_keep: int = 0             # robust: attacks whose finds stay in training (0: all of them)
+    adversarial_words: int = 48           # robust: nearest vocabulary words screened as stand-ins (0: none)
+    adversarial_direction: bool = True    # robust: train on the concept direction added to neutral prompts too
 
 
 @dataclass
@@ -75,6 +78,10 @@ class EraseConfig:
             raise ValueError(f"robust erasure is an S-VARE option; method {self.method!r} has none")
         if min(r.adversarial_every, r.adversarial_steps, r.adversarial_tokens) < 1 or r.adversarial_lr <= 0:
             raise ValueError("adversarial_every, adversarial_steps, adversarial_tokens and adversarial_lr must be positive")
+        if min(r.adversarial_keep, r.adversarial_words) < 0:
+            raise ValueError("adversarial_keep and adversarial_words must not be negative")
+        if not isinstance(r.adversarial_direction, bool):
+            raise ValueError(f"adversarial_direction is true or false, got {r.adversarial_direction!r}")
         if not isinstance(r.aux_seeds, str):
             raise ValueError(f"aux_seeds is text, got {r.aux_seeds!r}")
         if not isinstance(r.supervised_scales, str) or (r.preserve_cfg is not None and not isinstance(
@@ -124,7 +131,7 @@ class EraseConfig:
 _REAL = ("lr", "preservation_weight", "teacher_cfg", "student_cfg", "token_error_rate", "bit_threshold", "teacher_tau",
          "aux_top_p", "esd_eta", "grad_clip", "weight_decay", "adversarial_lr")
 _WHOLE = ("steps", "lora_rank", "pairs_per_step", "preserve_per_step", "aux_samples", "seed", "max_bad_steps",
-          "adversarial_every", "adversarial_steps", "adversarial_tokens")
+          "adversarial_every", "adversarial_steps", "adversarial_tokens", "adversarial_keep", "adversarial_words")
 USER_OPTIONS = tuple(f.name for f in fields(EraseConfig) if f.name != "research")
 RESEARCH_OPTIONS = tuple(f.name for f in fields(Research))
 

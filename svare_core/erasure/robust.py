@@ -1,77 +1,178 @@
-"""Robust erasure: adversarial conditions found during training join the unsafe prompts.
+"""Robust erasure: conditions an attacker would use join the unsafe prompts.
 
-As adversarial unlearning does for diffusion models: every few steps a short soft-prompt attack
-(erasure/attacks.py) runs against the model being trained, on the batch's unsafe prompts, aiming
-at what the frozen model draws for them; the features it finds are then trained like unsafe
-prompts (towards the safe prompt's auxiliary tokens) until the next refresh. The attack's soft
-tokens carry over between refreshes (one set per concept), so it keeps pace with the erasure.
+As adversarial unlearning does for diffusion models, the erasure is trained not only under the
+unsafe prompts but under conditions the attacks of erasure/attacks.py build from them, each paired
+with its prompt's safe anchor (so the filtered cross-entropy teaches the anchor's drawing there too):
 
-The adversarial features reach the model through the text encoder under names of their own
-(attacks.InjectedFeatures), so the methods' steps need no second path for them.
+- soft prompts (embedding space): every ``adversarial_every`` steps a soft-prompt attack runs
+  against the model being trained, ``adversarial_steps`` Adam steps from the concept's own
+  embedding, aiming at what the frozen model draws for the batch's unsafe prompts. Its tokens are
+  shared by all prompts, so the features it finds are computed for every unsafe prompt; the
+  features of the last ``adversarial_keep`` refreshes stay in training (an earlier attack's finds
+  are not forgotten when the next one looks elsewhere).
+- near words (prompt space): the text encoder's vocabulary words nearest the concept under which
+  the frozen model itself draws the concept (they make its concept images likelier than the prompt
+  without the concept word does), put in place of the concept; mined once, before training.
+- the concept direction (text-feature space): the mean feature difference with and without the
+  concept, added at a random strength to the unsafe prompts with the concept word removed.
+
+Each step, every batch pair whose unsafe prompt names its concept gets one such condition,
+drawn from these kinds at random. The conditions reach the model through the text encoder under
+names of their own (attacks.InjectedFeatures), so the methods' steps need no second path for them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
 
-from .attacks import InjectedFeatures, concept_embedding, optimise_soft_tokens, soft_prompt_features, targets_of
+from .attacks import (InjectedFeatures, Targets, concept_direction, concept_embedding, near_words, neutral,
+                      optimise_soft_tokens, soft_prompt_features, substitute, targets_of, token_nll)
 from .pairs import PromptPair, mentions
 from .run import ErasureRun
 from .tokens import aux_settings, auxiliary_tokens, prompt_seeds
 
+# Strengths of the concept direction drawn in training: the attack's own range (AttackBudget) and between.
+DIRECTION_STRENGTHS = (0.5, 4.0)
+# Near words screened by the frozen model against this many of the concept's images (enough to rank words).
+SCREEN_IMAGES = 8
+
 
 class AdversarialPool:
-    """The adversarial conditions of one run: unsafe prompt -> the name its latest features go by."""
+    """The adversarial conditions of one run, and the attacks that keep finding new ones."""
 
     def __init__(self, run: ErasureRun):
-        cfg = run.cfg
+        cfg, r = run.cfg, run.cfg.research
         self.attackable = [p for p in run.pairs if p.concept and mentions(p.unsafe, p.concept)]
         if not self.attackable:
             raise ValueError("robust erasure attacks the concept's word in the unsafe prompts, and no pair's unsafe "
                              "prompt names its concept: tag the pairs with the concept they name, or train without "
                              "robust")
         self.features: dict[str, torch.Tensor] = {}
-        self.names: dict[str, str] = {}
-        self.soft: dict[str, torch.Tensor] = {}
-        self.steps_taken = 0
+        self.soft_names: dict[str, list[str]] = {}        # unsafe prompt -> names of its soft-prompt features, newest last
+        self.word_prompts: dict[str, list[str]] = {}      # unsafe prompt -> the same with a near word instead
+        self.words: dict[str, list[str]] = {}             # concept -> its mined near words
+        self.neutral: dict[str, torch.Tensor] = {}        # unsafe prompt -> features without the concept word
+        self.direction: dict[str, torch.Tensor] = {}      # concept -> its direction in feature space
+        self.steps_taken = self.refreshes = 0
         self.attack_seconds = 0.0
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        frozen_pipe = replace(run.pipe, transformer=run.frozen)
         run.pipe = replace(run.pipe, text_encoder=InjectedFeatures(run.pipe.text_encoder, self.features))
         settings = aux_settings(run.pipe, cfg)
         unsafe = list(dict.fromkeys(p.unsafe for p in self.attackable))
         # What the frozen model draws for the unsafe prompts: the images an attacker wants back.
         self.targets = auxiliary_tokens(run.pipe, unsafe, seeds=lambda p: prompt_seeds(p, cfg.seed + 7, 1),
                                         settings=settings, scales=run.scales, cache_dir=cfg.cache_dir)
+        t0 = time.time()
+        for concept in dict.fromkeys(p.concept for p in self.attackable):
+            pairs = [p for p in self.attackable if p.concept == concept]
+            prompts = list(dict.fromkeys(p.unsafe for p in pairs))
+            if r.adversarial_words:
+                self.words[concept] = concept_words(frozen_pipe, concept, pairs, self.targets, r.adversarial_words,
+                                                    run.scales, run.guidance(cfg.teacher_cfg))
+                for p in prompts:
+                    self.word_prompts[p] = [substitute(p, concept, w) for w in self.words[concept]]
+            if r.adversarial_direction:
+                self.direction[concept] = concept_direction(frozen_pipe, prompts, concept)
+                with torch.no_grad():
+                    encoded = frozen_pipe.text_encoder.encode([neutral(p, concept) for p in prompts])
+                for p, f, m in zip(prompts, encoded[0], encoded[1]):
+                    self.neutral[p] = f[:int(m.sum())].float().cpu()
+        self.attack_seconds += time.time() - t0
+
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of adversarial condition this run trains on."""
+        return ("soft_prompt",) + (("near_words",) if self.word_prompts else ()) + \
+            (("concept_direction",) if self.direction else ())
 
     def step(self, run: ErasureRun, batch: list[PromptPair]) -> list[PromptPair]:
-        """Refresh the attack when due; the batch's adversarial pairs (adversarial name => safe prompt)."""
-        import time
-
+        """Refresh the soft-prompt attack when due; one adversarial pair (condition => safe prompt) for every
+        batch pair that names its concept."""
         r = run.cfg.research
         if self.steps_taken % r.adversarial_every == 0:
             t0 = time.time()
             self._refresh(run, [p for p in batch if p in self.attackable] or self.attackable[:1])
             self.attack_seconds += time.time() - t0
         self.steps_taken += 1
-        return [PromptPair(self.names[p.unsafe], p.safe, p.concept) for p in batch if p.unsafe in self.names]
+        out = []
+        for p in batch:
+            if p in self.attackable:
+                options = [k for k in self.kinds() if k != "near_words" or self.word_prompts.get(p.unsafe)]
+                out.append(PromptPair(self._condition(options[self._draw(len(options))], p), p.safe, p.concept))
+        return out
+
+    def _draw(self, n: int) -> int:
+        return int(torch.randint(n, (1,), generator=self.generator))
+
+    def _condition(self, kind: str, pair: PromptPair) -> str:
+        """The name of a fresh condition of ``kind`` built from ``pair``'s unsafe prompt."""
+        prompt = pair.unsafe
+        if kind == "near_words":
+            choices = self.word_prompts[prompt]
+            return choices[self._draw(len(choices))]
+        if kind == "concept_direction":
+            lo, hi = DIRECTION_STRENGTHS
+            strength = lo + (hi - lo) * float(torch.rand((), generator=self.generator))
+            name = f"<concept direction: {prompt}>"
+            self.features[name] = self.neutral[prompt] + strength * self.direction[pair.concept]
+            return name
+        names = self.soft_names[prompt]
+        return names[self._draw(len(names))]
 
     def _refresh(self, run: ErasureRun, pairs: list[PromptPair]) -> None:
+        """A soft-prompt attack on the model being trained, aimed at ``pairs``' concept images; its tokens
+        give every unsafe prompt of the concept a new adversarial condition."""
         r = run.cfg.research
         attacked = replace(run.pipe, transformer=run.student)
         enc = run.pipe.text_encoder
+        k = self.refreshes
+        self.refreshes += 1
         for concept in dict.fromkeys(p.concept for p in pairs):
             prompts = list(dict.fromkeys(p.unsafe for p in pairs if p.concept == concept))
-            targets = targets_of(self.targets, prompts)
-            start = self.soft.get(concept)
-            if start is None:
-                start = concept_embedding(enc, concept, r.adversarial_tokens)
+            start = concept_embedding(enc, concept, r.adversarial_tokens)
             spread = float(concept_embedding(enc, concept, 1).std())
-            self.soft[concept], _ = optimise_soft_tokens(attacked, concept, targets, start, r.adversarial_steps,
-                                                         r.adversarial_lr * spread, run.scales,
-                                                         run.guidance(run.cfg.teacher_cfg))
+            noise = torch.randn(start.shape, generator=self.generator).to(start.device)
+            soft, _ = optimise_soft_tokens(attacked, concept, targets_of(self.targets, prompts),
+                                           start + 0.01 * spread * noise, r.adversarial_steps,
+                                           r.adversarial_lr * spread, run.scales, run.guidance(run.cfg.teacher_cfg))
+            everyone = list(dict.fromkeys(p.unsafe for p in self.attackable if p.concept == concept))
             with torch.no_grad():
-                feats = soft_prompt_features(enc, prompts, concept, self.soft[concept])
-            for prompt, f in zip(prompts, feats):
-                name = f"<adversarial: {prompt}>"
+                feats = soft_prompt_features(enc, everyone, concept, soft)
+            for prompt, f in zip(everyone, feats):
+                name = f"<adversarial {k}: {prompt}>"
                 self.features[name] = f
-                self.names[prompt] = name
+                kept = self.soft_names.setdefault(prompt, [])
+                kept.append(name)
+                while r.adversarial_keep and len(kept) > r.adversarial_keep:
+                    self.features.pop(kept.pop(0), None)
+
+
+def concept_words(pipe, concept: str, pairs: list[PromptPair], targets: dict, count: int, scales,
+                  guidance) -> list[str]:
+    """Of the ``count`` vocabulary words nearest the concept (attacks.near_words), those under which ``pipe``
+    (the frozen model) draws the concept more than with no word at all: put in place of the concept, the
+    word makes the concept's images (``targets``: unsafe prompt -> AuxTokens) likelier than the prompt
+    without the concept word does. Likelihoods are read on the tokens that carry the concept (weighted
+    by how much less likely the safe prompt makes them), so a word that only changes the details counts
+    for little. Words that draw something else (another colour) or nothing in particular ("coloured")
+    are left alone: training them to the anchor would move what the model draws for them."""
+    pairs = list({p.unsafe: p for p in pairs}.values())[:SCREEN_IMAGES]
+    prompts = [p.unsafe for p in pairs]
+    aimed = targets_of(targets, prompts)
+
+    def losses(texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            enc = pipe.text_encoder.encode(texts)
+            feats = [enc[0][i, :int(enc[1][i].sum())] for i in range(len(texts))]
+            return token_nll(pipe, feats, Targets(texts, aimed.inputs, aimed.labels, aimed.rows), scales, guidance)
+
+    own = losses(prompts)
+    weight = (losses([p.safe for p in pairs]) - own).clamp(min=0)
+
+    def score(texts: list[str]) -> float:
+        return float((weight * losses(texts)).sum() / weight.sum().clamp(min=1e-12))
+
+    without = score([neutral(p, concept) for p in prompts])
+    return [w for w in near_words(pipe, concept, count) if score([substitute(p, concept, w) for p in prompts]) < without]

@@ -24,6 +24,12 @@ _INFINITY_DENSE = {
     "xattn_kv": r"block_chunks\.\d+\.module\.\d+\.ca\.(mat_kv\.|v_bias)",
     "ffn": r"block_chunks\.\d+\.module\.\d+\.ffn\.",
     "all_blocks": r"block_chunks\.",
+    # Cross-attention and the projection of the pooled text vector, which conditions the first token and
+    # every block's AdaLN: the two ways a prompt's features reach the image (robust erasure's set).
+    "xattn_pool": r"(text_proj_for_sos\.|block_chunks\.\d+\.module\.\d+\.ca\.)",
+    # Everything that reads text: also the text norm and cross-attention's text projection, which the
+    # unconditional rows of guidance pass too (more attack-resistant, more collateral: docs/results.md).
+    "xattn_text": r"(text_norm\.|text_proj_for_sos\.|text_proj_for_ca\.|block_chunks\.\d+\.module\.\d+\.ca\.)",
 }
 _SWITTI_DENSE = {
     "xattn_ffn": r"blocks\.\d+\.(cross_attn|ffn)\.",
@@ -31,6 +37,8 @@ _SWITTI_DENSE = {
     "xattn_kv": r"blocks\.\d+\.cross_attn\.to_kv\.",
     "ffn": r"blocks\.\d+\.ffn\.",
     "all_blocks": r"blocks\.",
+    "xattn_pool": r"(text_pooler\.|blocks\.\d+\.cross_attn\.)",
+    "xattn_text": r"(text_pooler\.|blocks\.\d+\.cross_attn\.)",        # Switti's cross-attention reads the features as they come
 }
 # LoRA targets: name suffixes of the blocks' linear layers (a leading dot keeps Switti's
 # ".attn.proj" from also matching "cross_attn.proj").
