@@ -24,6 +24,10 @@ Not part of the test suite. Three modes, each one command from the repository ro
   # achieved GFLOP/s as a share of it
   python benchmarks/bench_speedup.py matmul --threads 2
 
+  # the toy erasure's training step: FLOPs counted, steps timed on a warm erasure cache, achieved
+  # GFLOP/s as a share of the fp32 linear limit measured in the same run (plain or --robust)
+  python benchmarks/bench_speedup.py erasure_flops --threads 2
+
 Every mode prints `uptime`'s load averages with its numbers: on a shared machine absolute times say
 little, ratios of interleaved runs more.
 """
@@ -262,6 +266,44 @@ def erasure_profile(args) -> None:
     print(f"load after: {load_average()}")
 
 
+def erasure_flops(args) -> None:
+    """FLOPs and achieved GFLOP/s of the toy erasure's training steps (the part a warm cache cannot skip)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import svare_core
+    from svare_core import kernels
+
+    torch.set_num_threads(args.threads)
+    print(f"erasure steps (toy, red -> blue{', robust' if args.robust else ''}), {args.threads} thread(s), "
+          f"load before: {load_average()}", flush=True)
+    pipe = svare_core.load_pipeline("toyworld")
+    pairs = svare_core.erasure.expand_concept("red", "blue", "toy")
+    preserve = svare_core.erasure.pairs.preserve_prompts_for(pairs, "toy")
+    limits = kernels.measure_cpu_linears()
+    with tempfile.TemporaryDirectory() as cache:
+        def run(steps: int):
+            cfg = svare_core.settings.resolve_erase(pipe, pairs, steps=steps, cache_dir=cache,
+                                                    **({"robust": True} if args.robust else {}))
+            return lambda: svare_core.erasure.erase(pipe, pairs, cfg, preserve_prompts=preserve)
+        run(1)()                                  # fills the cache: tokens and targets are not what is measured
+        counted = {}
+        for steps in (1, 1 + args.count):
+            with FlopCounterMode(display=False) as counter:
+                run(steps)()
+            counted[steps] = counter.get_total_flops()
+        per_step = (counted[1 + args.count] - counted[1]) / args.count
+        short, long_ = run(1), run(1 + args.steps)
+        times = interleaved({"short": short, "long": long_}, args.repeats)
+    secs = (statistics.median(times["long"]) - statistics.median(times["short"])) / args.steps
+    achieved = per_step / secs / 1e9
+    print(json.dumps({"limits": limits, "gflop_per_step": round(per_step / 1e9, 2), "s_per_step": round(secs, 3),
+                      "achieved_gflops": round(achieved, 1),
+                      "share_of_fp32_limit": round(achieved / limits["fp32_blas"]["gflops"], 3),
+                      "runs_s": {k: [round(t, 1) for t in v] for k, v in times.items()}}))
+    print(f"load after: {load_average()}")
+
+
 # -- matmul ------------------------------------------------------------------------------------------------------------
 def matmul(args) -> None:
     torch_threads(args.threads)
@@ -441,6 +483,13 @@ def main(argv=None) -> None:
     ep.add_argument("--steps", type=int, default=None, help="erasure steps (default: the toy model's)")
     ep.add_argument("--threads", type=int, default=1)
     ep.set_defaults(func=erasure_profile)
+    ef = sub.add_parser("erasure_flops")
+    ef.add_argument("--steps", type=int, default=20, help="timed steps (a run of 1 + steps against a run of 1)")
+    ef.add_argument("--count", type=int, default=2, help="steps whose FLOPs are counted")
+    ef.add_argument("--repeats", type=int, default=3)
+    ef.add_argument("--threads", type=int, default=2)
+    ef.add_argument("--robust", action="store_true", help="robust S-VARE's steps (the toy model's robust recipe)")
+    ef.set_defaults(func=erasure_flops)
     m = sub.add_parser("matmul")
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1)

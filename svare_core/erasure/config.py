@@ -34,6 +34,7 @@ class Research:
     adversarial_keep: int = 0             # robust: attacks whose finds stay in training (0: all of them)
     adversarial_words: int = 48           # robust: nearest vocabulary words screened as stand-ins (0: none)
     adversarial_direction: bool = True    # robust: train on the concept direction added to neutral prompts too
+    adversarial_screen: bool = True       # robust: train an attack's finds only where the frozen model reads the concept
 
 
 @dataclass
@@ -80,8 +81,9 @@ class EraseConfig:
             raise ValueError("adversarial_every, adversarial_steps, adversarial_tokens and adversarial_lr must be positive")
         if min(r.adversarial_keep, r.adversarial_words) < 0:
             raise ValueError("adversarial_keep and adversarial_words must not be negative")
-        if not isinstance(r.adversarial_direction, bool):
-            raise ValueError(f"adversarial_direction is true or false, got {r.adversarial_direction!r}")
+        for name in ("adversarial_direction", "adversarial_screen"):
+            if not isinstance(getattr(r, name), bool):
+                raise ValueError(f"{name} is true or false, got {getattr(r, name)!r}")
         if not isinstance(r.aux_seeds, str):
             raise ValueError(f"aux_seeds is text, got {r.aux_seeds!r}")
         if not isinstance(r.supervised_scales, str) or (r.preserve_cfg is not None and not isinstance(

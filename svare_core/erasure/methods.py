@@ -90,6 +90,7 @@ class SVARE(ErasureMethod):
         rec = {"kept_tokens": kept, "erase": loss.item()}
         if self._pool is not None:
             rec["adversarial_pairs"] = float(len(erase_batch) - len(batch))
+            rec["attacks_screened_out"] = float(self._pool.rejected)
         if self._preserving(cfg):
             pre = cfg.preservation_weight * losses.preservation_kl(*run.on_samples(self._preserve_batch(run, batch),
                                                                                    cfg.student_cfg))

@@ -33,8 +33,10 @@ from .pairs import PromptPair, mentions
 from .run import ErasureRun
 from .tokens import aux_settings, auxiliary_tokens, prompt_seeds
 
-# Strengths of the concept direction drawn in training: the attack's own range (AttackBudget) and between.
+# Strengths of the concept direction drawn in training: up to the attack's strongest (AttackBudget), from
+# the weakest of DIRECTION_GRID the frozen model reads as the concept.
 DIRECTION_STRENGTHS = (0.5, 4.0)
+DIRECTION_GRID = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 # Near words screened by the frozen model against this many of the concept's images (enough to rank words).
 SCREEN_IMAGES = 8
 
@@ -55,6 +57,9 @@ class AdversarialPool:
         self.words: dict[str, list[str]] = {}             # concept -> its mined near words
         self.neutral: dict[str, torch.Tensor] = {}        # unsafe prompt -> features without the concept word
         self.direction: dict[str, torch.Tensor] = {}      # concept -> its direction in feature space
+        self.direction_from: dict[str, float] = {}        # concept -> the weakest strength trained
+        self.screens: dict[str, ConceptScreen] = {}       # concept -> does a condition draw it (frozen model)?
+        self.rejected = 0                                 # attacks whose finds the frozen model does not read as the concept
         self.steps_taken = self.refreshes = 0
         self.attack_seconds = 0.0
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -69,17 +74,27 @@ class AdversarialPool:
         for concept in dict.fromkeys(p.concept for p in self.attackable):
             pairs = [p for p in self.attackable if p.concept == concept]
             prompts = list(dict.fromkeys(p.unsafe for p in pairs))
+            self.screens[concept] = ConceptScreen(frozen_pipe, concept, pairs, self.targets, run.scales,
+                                                  run.guidance(cfg.teacher_cfg))
             if r.adversarial_words:
-                self.words[concept] = concept_words(frozen_pipe, concept, pairs, self.targets, r.adversarial_words,
-                                                    run.scales, run.guidance(cfg.teacher_cfg))
+                self.words[concept] = concept_words(self.screens[concept], r.adversarial_words)
                 for p in prompts:
                     self.word_prompts[p] = [substitute(p, concept, w) for w in self.words[concept]]
             if r.adversarial_direction:
-                self.direction[concept] = concept_direction(frozen_pipe, prompts, concept)
+                direction = concept_direction(frozen_pipe, prompts, concept)
                 with torch.no_grad():
                     encoded = frozen_pipe.text_encoder.encode([neutral(p, concept) for p in prompts])
                 for p, f, m in zip(prompts, encoded[0], encoded[1]):
                     self.neutral[p] = f[:int(m.sum())].float().cpu()
+                # Weak shifts are the neutral prompt itself ("a striped shape" + 0.1 d): trained to the anchor,
+                # they would move what the model draws where no colour is named. The weakest strength of the
+                # grid the frozen model reads as the concept is where the direction's conditions start.
+                screen = self.screens[concept]
+                readable = [s for s in DIRECTION_GRID if not r.adversarial_screen or
+                            screen.draws_concept([self.neutral[p] + s * direction for p in screen.prompts])]
+                if readable:
+                    self.direction[concept] = direction
+                    self.direction_from[concept] = readable[0]
         self.attack_seconds += time.time() - t0
 
     def kinds(self) -> tuple[str, ...]:
@@ -99,8 +114,11 @@ class AdversarialPool:
         out = []
         for p in batch:
             if p in self.attackable:
-                options = [k for k in self.kinds() if k != "near_words" or self.word_prompts.get(p.unsafe)]
-                out.append(PromptPair(self._condition(options[self._draw(len(options))], p), p.safe, p.concept))
+                have = {"soft_prompt": p.unsafe in self.soft_names, "near_words": bool(self.word_prompts.get(p.unsafe)),
+                        "concept_direction": p.concept in self.direction}
+                options = [k for k in self.kinds() if have[k]]
+                if options:            # none while every attack so far was screened out and nothing else is on
+                    out.append(PromptPair(self._condition(options[self._draw(len(options))], p), p.safe, p.concept))
         return out
 
     def _draw(self, n: int) -> int:
@@ -113,7 +131,7 @@ class AdversarialPool:
             choices = self.word_prompts[prompt]
             return choices[self._draw(len(choices))]
         if kind == "concept_direction":
-            lo, hi = DIRECTION_STRENGTHS
+            lo, hi = self.direction_from[pair.concept], DIRECTION_STRENGTHS[1]
             strength = lo + (hi - lo) * float(torch.rand((), generator=self.generator))
             name = f"<concept direction: {prompt}>"
             self.features[name] = self.neutral[prompt] + strength * self.direction[pair.concept]
@@ -140,6 +158,13 @@ class AdversarialPool:
             everyone = list(dict.fromkeys(p.unsafe for p in self.attackable if p.concept == concept))
             with torch.no_grad():
                 feats = soft_prompt_features(enc, everyone, concept, soft)
+            screen = self.screens[concept]
+            if r.adversarial_screen and not screen.draws_concept([feats[everyone.index(p)] for p in screen.prompts]):
+                # The attack made the model being trained draw the concept from a condition the frozen model
+                # does not read as the concept (an open colour, say): training it to the anchor would move
+                # what the model draws where the concept was never named.
+                self.rejected += 1
+                continue
             for prompt, f in zip(everyone, feats):
                 name = f"<adversarial {k}: {prompt}>"
                 self.features[name] = f
@@ -149,30 +174,46 @@ class AdversarialPool:
                     self.features.pop(kept.pop(0), None)
 
 
-def concept_words(pipe, concept: str, pairs: list[PromptPair], targets: dict, count: int, scales,
-                  guidance) -> list[str]:
-    """Of the ``count`` vocabulary words nearest the concept (attacks.near_words), those under which ``pipe``
-    (the frozen model) draws the concept more than with no word at all: put in place of the concept, the
-    word makes the concept's images (``targets``: unsafe prompt -> AuxTokens) likelier than the prompt
-    without the concept word does. Likelihoods are read on the tokens that carry the concept (weighted
-    by how much less likely the safe prompt makes them), so a word that only changes the details counts
-    for little. Words that draw something else (another colour) or nothing in particular ("coloured")
-    are left alone: training them to the anchor would move what the model draws for them."""
-    pairs = list({p.unsafe: p for p in pairs}.values())[:SCREEN_IMAGES]
-    prompts = [p.unsafe for p in pairs]
-    aimed = targets_of(targets, prompts)
+class ConceptScreen:
+    """Does a condition make the frozen model draw the concept? Scored on the concept's images (``targets``:
+    unsafe prompt -> AuxTokens, the first ``SCREEN_IMAGES`` unsafe prompts of ``pairs``): the frozen model's
+    guided cross-entropy of them under the condition, on the tokens that carry the concept (each token
+    weighted by how much less likely the safe prompt makes it, so a condition that only changes the details
+    counts for little), against the same under the prompts without the concept word. A condition that
+    scores below that draws the concept more than saying nothing does."""
 
-    def losses(texts: list[str]) -> torch.Tensor:
+    def __init__(self, pipe, concept: str, pairs: list[PromptPair], targets: dict, scales, guidance):
+        self.pipe, self.concept, self.scales, self.guidance = pipe, concept, scales, guidance
+        pairs = list({p.unsafe: p for p in pairs}.values())[:SCREEN_IMAGES]
+        self.prompts = [p.unsafe for p in pairs]
+        self.targets = targets_of(targets, self.prompts)
+        own = self._losses(self.prompts)
+        self.weight = (self._losses([p.safe for p in pairs]) - own).clamp(min=0)
+        self.without = self.score([neutral(p, concept) for p in self.prompts])
+
+    def _losses(self, conditions: list) -> torch.Tensor:
+        """Per-token cross-entropy (N, L); a condition is a prompt or its (L, D) features."""
         with torch.no_grad():
-            enc = pipe.text_encoder.encode(texts)
-            feats = [enc[0][i, :int(enc[1][i].sum())] for i in range(len(texts))]
-            return token_nll(pipe, feats, Targets(texts, aimed.inputs, aimed.labels, aimed.rows), scales, guidance)
+            if all(isinstance(c, str) for c in conditions):
+                enc = self.pipe.text_encoder.encode(conditions)
+                conditions = [enc[0][i, :int(enc[1][i].sum())] for i in range(len(conditions))]
+            t = self.targets
+            return token_nll(self.pipe, conditions, Targets(self.prompts, t.inputs, t.labels, t.rows), self.scales,
+                             self.guidance)
 
-    own = losses(prompts)
-    weight = (losses([p.safe for p in pairs]) - own).clamp(min=0)
+    def score(self, conditions: list) -> float:
+        """The weighted cross-entropy of the concept's images, one condition per screened unsafe prompt."""
+        return float((self.weight * self._losses(conditions)).sum() / self.weight.sum().clamp(min=1e-12))
 
-    def score(texts: list[str]) -> float:
-        return float((weight * losses(texts)).sum() / weight.sum().clamp(min=1e-12))
+    def draws_concept(self, conditions: list) -> bool:
+        return self.score(conditions) < self.without
 
-    without = score([neutral(p, concept) for p in prompts])
-    return [w for w in near_words(pipe, concept, count) if score([substitute(p, concept, w) for p in prompts]) < without]
+
+def concept_words(screen: ConceptScreen, count: int) -> list[str]:
+    """Of the ``count`` vocabulary words nearest the concept (attacks.near_words), those under which the
+    frozen model draws the concept more than with no word at all (``screen``). Words that draw something
+    else (another colour) or nothing in particular ("coloured") are left alone: training them to the
+    anchor would move what the model draws for them."""
+    c = screen.concept
+    return [w for w in near_words(screen.pipe, c, count)
+            if screen.draws_concept([substitute(p, c, w) for p in screen.prompts])]
