@@ -123,6 +123,10 @@ def test_user_facing_config_keeps_ablation_knobs_apart():
         assert knob in RESEARCH_OPTIONS
     options = EraseConfig().options()
     assert set(options) == set(USER_OPTIONS) - {"cache_dir"} | set(RESEARCH_OPTIONS)
+    # A default run does not use the robust attack's knobs, so its patch and cached targets leave them out.
+    used = EraseConfig().used_options()
+    assert set(options) - set(used) == {k for k in RESEARCH_OPTIONS if k.startswith("adversarial_")}
+    assert EraseConfig(robust=True).used_options() == EraseConfig(robust=True).options()
 
 
 def test_each_method_is_a_class_with_one_step():

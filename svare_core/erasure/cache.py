@@ -68,7 +68,7 @@ def targets_key(run, method_name: str, fingerprint: str, aux_key: str) -> str:
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _TARGET_CODE)).hexdigest()
     frozen, text = run.frozen, run.pipe.text_encoder
-    options = {k: v for k, v in run.cfg.options().items() if k not in _OPTIMIZER_ONLY}
+    options = {k: v for k, v in run.cfg.used_options().items() if k not in _OPTIMIZER_ONLY}
     blob = json.dumps({
         "model": fingerprint, "dtype": str(frozen.dtype), "device": frozen.device.type,
         "text_encoder": [type(text).__name__, str(getattr(text, "path", "")), str(getattr(text, "dtype", ""))],

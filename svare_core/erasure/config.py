@@ -129,6 +129,15 @@ class EraseConfig:
         flat = {k: v for k, v in asdict(self).items() if k not in ("research", "cache_dir")}
         return {**flat, **asdict(self.research)}
 
+    def used_options(self) -> dict:
+        """The settings that can change this run's result: ``options()`` less the robust attack's knobs
+        when ``robust`` is off. A patch records these, and cached targets are keyed by them, so tuning the
+        robust recipe leaves default patches and their caches valid."""
+        options = self.options()
+        if self.robust:
+            return options
+        return {k: v for k, v in options.items() if not k.startswith("adversarial_")}
+
 
 _REAL = ("lr", "preservation_weight", "teacher_cfg", "student_cfg", "token_error_rate", "bit_threshold", "teacher_tau",
          "aux_top_p", "esd_eta", "grad_clip", "weight_decay", "adversarial_lr")

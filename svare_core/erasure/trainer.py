@@ -217,7 +217,7 @@ def _make_patch(run: ErasureRun, lora, steps: int) -> ErasurePatch:
         "preserve_prompts": run.preserve_prompts[:200],
         "method": cfg.method, "steps": steps, "lora_scale": scale,
         "scales": [list(s) for s in run.scales],
-        "hyperparameters": cfg.options(),
+        "hyperparameters": cfg.used_options(),
         "metrics": {},
     }
     return ErasurePatch(tensors, meta)
