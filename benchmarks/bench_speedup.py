@@ -1,6 +1,6 @@
 """Before/after speed, side by side on a busy machine: ratios from interleaved repetitions (medians).
 
-Not part of the test suite. Three modes, each one command from the repository root:
+Not part of the test suite. Each mode is one command from the repository root:
 
   # the sampler: this checkout's engine against another copy of svare_core (e.g. main's), on the same
   # weights in one process, calls alternating (ABBA...), and this checkout in bf16 against fp32
@@ -23,6 +23,10 @@ Not part of the test suite. Three modes, each one command from the repository ro
   # the CPU's matmul throughput (fp32 default BLAS, fp32 through oneDNN, bf16) and the sampler's
   # achieved GFLOP/s as a share of it
   python benchmarks/bench_speedup.py matmul --threads 2
+
+  # the medium sampler with every fp32 linear through oneDNN against the default BLAS (the model-level gain of
+  # the kernel choice that kernels.onednn_pays makes from one product)
+  python benchmarks/bench_speedup.py onednn --threads 2
 
   # the toy erasure's training step: FLOPs counted, steps timed on a warm erasure cache, achieved
   # GFLOP/s as a share of the fp32 linear limit measured in the same run (plain or --robust)
@@ -304,6 +308,49 @@ def erasure_flops(args) -> None:
     print(f"load after: {load_average()}")
 
 
+def onednn(args) -> None:
+    import torch
+    import torch.nn.functional as F
+    from bench_sampling import CFG, TAU, _our_pipeline
+    from torch.overrides import TorchFunctionMode
+
+    from svare_core import kernels
+    from svare_core.sampling import SamplerSettings, generate
+
+    class OneDNNLinears(TorchFunctionMode):
+        """Every fp32 F.linear through oneDNN's linear (the product only: the model is unchanged)."""
+        def __torch_function__(self, func, types, fargs=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.linear and fargs[0].dtype == torch.float32:
+                x, w = fargs[0], fargs[1]
+                b = fargs[2] if len(fargs) > 2 else kwargs.get("bias")
+                return kernels._onednn_linear(x, w, b)
+            return func(*fargs, **kwargs)
+
+    torch.set_num_threads(args.threads)
+    print(f"oneDNN linears, {args.threads} thread(s), load before: {load_average()}", flush=True)
+    limits = kernels.measure_cpu_linears()
+    pipe, scales, prompts = _our_pipeline({"config": args.config, "device": "cpu", "batch": 1})
+    settings = SamplerSettings(cfg=CFG, tau=TAU)
+
+    def draw():
+        return generate(pipe, prompts, seed=0, settings=settings, scales=scales, decode=False, return_logits=True)
+
+    def draw_onednn():
+        with OneDNNLinears():
+            return draw()
+
+    a, b = draw(), draw_onednn()
+    times = interleaved({"blas": draw, "onednn": draw_onednn}, args.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"limits": limits, "onednn_pays": kernels.onednn_pays(limits), "config": args.config,
+                      "s_per_image": {k: round(v, 4) for k, v in med.items()},
+                      "blas_over_onednn": round(med["blas"] / med["onednn"], 3),
+                      "same_bits": all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)),
+                      "max_logit_difference": max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits))}))
+    print(f"load after: {load_average()}")
+
+
 # -- matmul ------------------------------------------------------------------------------------------------------------
 def matmul(args) -> None:
     torch_threads(args.threads)
@@ -490,6 +537,11 @@ def main(argv=None) -> None:
     ef.add_argument("--threads", type=int, default=2)
     ef.add_argument("--robust", action="store_true", help="robust S-VARE's steps (the toy model's robust recipe)")
     ef.set_defaults(func=erasure_flops)
+    o = sub.add_parser("onednn")
+    o.add_argument("--config", default="medium")
+    o.add_argument("--repeats", type=int, default=10)
+    o.add_argument("--threads", type=int, default=2)
+    o.set_defaults(func=onednn)
     m = sub.add_parser("matmul")
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1)

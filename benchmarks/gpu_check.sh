@@ -2,7 +2,8 @@
 # The GPU half of the real-size harness at Infinity-2B size, in one command, under 8 minutes on one GPU:
 # 2B-shaped random checkpoints written in the release layouts, then (each in a fresh process)
 #   - one 1024 px image (1M schedule) in bf16 with the text encoder on the CPU: time, peak VRAM;
-#   - 3 erasure steps with the Infinity defaults at 512 px (0.25M) and 1024 px (1M): peak VRAM;
+#   - 3 erasure steps with the Infinity defaults at 512 px (0.25M) and 1024 px (1M), and 3 robust ones at
+#     1024 px (an attack every step, real_scale.ROBUST_PROBE): peak VRAM;
 #   - bf16 on the GPU (and fp32 on the GPU) against the reference goldens in tests/fixtures/reference_tiny;
 #   - with SWITTI=1, one Switti-1024 image (1024 px, 14 scales) in bf16 (not part of the 8 minutes).
 # Everything goes into one JSON ($OUT/gpu_check.json, default /tmp/svare-gpu-check).
@@ -19,7 +20,7 @@ mkdir -p "$OUT" "$FILES"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device visible to torch')"
 "$PY" benchmarks/real_scale.py --out "$FILES" --write --files 2b,vae_2b,t5 \
-    --jobs cuda_sample_2b_1024,cuda_erase_2b_512,cuda_erase_2b_1024 --json "$OUT/gpu_check.json" --timeout 180
+    --jobs cuda_sample_2b_1024,cuda_erase_2b_512,cuda_erase_2b_1024,cuda_erase_robust_2b_1024 --json "$OUT/gpu_check.json" --timeout 180
 "$PY" benchmarks/gpu_parity.py --json "$OUT/gpu_check.json"
 # SWITTI=1: also Switti-1024 (5.7 GB of files written first): one 1024 px image in bf16, time and peak VRAM.
 if [ "${SWITTI:-0}" = 1 ]; then

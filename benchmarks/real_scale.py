@@ -31,6 +31,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -301,7 +302,13 @@ def _sample(preset: str, device: str):
     return job
 
 
-def _erase(preset: str, device: str, steps: int = 2):
+# Robust S-VARE at real size: every step an attack (2 Adam steps) and 4 near words screened, so that the
+# peak memory of each part (the attack's backward through the transformer and the text encoder, the screen)
+# shows within a few steps; the default budget (20 steps every 25, 48 words) costs time, not more memory.
+ROBUST_PROBE = {"robust": True, "adversarial_every": 1, "adversarial_steps": 2, "adversarial_words": 4}
+
+
+def _erase(preset: str, device: str, steps: int = 2, robust: bool = False):
     def job(f):
         from svare_core.erasure import PromptPair, erase
         from svare_core.settings import resolve_erase
@@ -309,7 +316,7 @@ def _erase(preset: str, device: str, steps: int = 2):
         t0 = time.time()
         pipe = _pipeline(f, "bf16", device=device)
         load_s = time.time() - t0
-        cfg = resolve_erase(pipe, 1, steps=steps)
+        cfg = resolve_erase(pipe, 1, steps=steps, **(ROBUST_PROBE if robust else {}))
         pairs = [PromptPair("a painting in the style of Van Gogh", "a painting", "van gogh"),
                  PromptPair("a starry night by Van Gogh", "a starry night", "van gogh")]
         stamps = []
@@ -319,7 +326,7 @@ def _erase(preset: str, device: str, steps: int = 2):
         out = {"load_seconds": load_s, "erase_seconds": time.time() - t1,
                "first_step_at": stamps[0] - t1 if stamps else None,
                "seconds_per_step": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None,
-               "trainable": cfg.trainable, "lora_rank": cfg.lora_rank, "steps": steps,
+               "trainable": cfg.trainable, "lora_rank": cfg.lora_rank, "steps": steps, "robust": cfg.robust,
                "patch_values": res.patch.num_values(),
                "losses": res.history[-1]}
         if device == "cuda":
@@ -471,6 +478,7 @@ JOBS = {
     "patch_2b_bf16": (_patch, "cpu"),
     "sample_2b_256": (_sample("0.06M", "cpu"), "cpu"),
     "erase_2b_256": (_erase("0.06M", "cpu"), "cpu"),
+    "erase_robust_2b_256": (_erase("0.06M", "cpu", robust=True), "cpu"),
     "inspect_switti_1024": (_inspect("switti_1024"), "cpu"),
     "load_switti_1024_bf16": (_load("switti_1024", "bf16"), "cpu"),
     "load_vqvae_switti_fp32": (_load_vae("vqvae_switti", "fp32"), "cpu"),
@@ -480,6 +488,7 @@ JOBS = {
     "cuda_sample_2b_1024": (_sample("1M", "cuda"), "cuda"),
     "cuda_erase_2b_512": (_erase("0.25M", "cuda", steps=3), "cuda"),
     "cuda_erase_2b_1024": (_erase("1M", "cuda", steps=3), "cuda"),
+    "cuda_erase_robust_2b_1024": (_erase("1M", "cuda", steps=3, robust=True), "cuda"),
 }
 
 
@@ -501,12 +510,14 @@ def run_child(job: str, out: Path) -> None:
 def run_job(job: str, out: Path, timeout: float) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--out", str(out), "--child", job], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    lines, t0 = [], time.time()
-    for line in proc.stdout:
-        lines.append(line)
-        if time.time() - t0 > timeout:
-            proc.kill()
-            break
+    t0 = time.time()
+    # A timer, not a check between lines: a job may print nothing until its result.
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        lines = list(proc.stdout)
+    finally:
+        timer.cancel()
     _, status, usage = os.wait4(proc.pid, 0)
     result = next((json.loads(ln[7:]) for ln in lines if ln.startswith("RESULT ")), None)
     if result is None:

@@ -76,6 +76,8 @@ def paths(args) -> dict:
         """Images with the conditions' cross-attention tokens and, where given, another pooled vector (the
         sampler's first encode_text call is the conditional rows; guidance's empty rows are left alone)."""
         rows = None if pooled is None else torch.repeat_interleave(pooled, 2, dim=0)
+        # draw_conditions samples up to 64 images in one generate call: one encode_text call for them all.
+        assert rows is None or len(rows) <= 64, "more conditions than one sampler batch"
         calls = []
 
         def swapped(t, mask):
