@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from svare_core.erasure import ErasurePatch, apply_patch
-from svare_core.erasure.attacks import (AttackBudget, InjectedFeatures, Judge, concept_direction, concept_nll,
-                                        concept_targets, near_words, neutral, run_attacks, soft_prompt,
+from svare_core.erasure.attacks import (AttackBudget, InjectedFeatures, Judge, concept_direction, concept_embedding,
+                                        concept_nll, concept_targets, near_words, neutral, optimise_soft_tokens,
+                                        run_attacks, soft_prompt,
                                         soft_prompt_features, substitute, vocabulary_words)
 from svare_core.sampling import SamplerSettings, generate
 
@@ -71,6 +72,24 @@ def test_soft_prompt_lowers_the_objective(erased, tiny_pipeline):
     assert float(concept_nll(erased, feats, targets, scales, 3.0)) == pytest.approx(info["nll_after"], rel=1e-4)
     with pytest.raises(ValueError, match="does not contain the concept"):
         soft_prompt_features(enc, ["a blue circle"], "red", red.detach())
+
+
+def test_soft_tokens_are_the_same_with_checkpointed_blocks(erased, tiny_pipeline, monkeypatch):
+    """Robust erasure attacks its student with the run's gradient checkpointing (memory at 2B); recomputing
+    each block in the backward pass gives the same gradients, so the same tokens."""
+    scales = tiny_pipeline.default_scales()
+    targets = concept_targets(tiny_pipeline, PROMPTS, 1, SETTINGS, scales, seed=7)
+    start = concept_embedding(erased.text_encoder, "red", 2)
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    erased.transformer.train()           # blocks checkpoint in training mode only, as in the erasure run
+    try:
+        plain, h1 = optimise_soft_tokens(erased, "red", targets, start, 3, 0.05, scales, 3.0)
+        checkpointed, h2 = optimise_soft_tokens(erased, "red", targets, start, 3, 0.05, scales, 3.0, checkpointing=True)
+    finally:
+        erased.transformer.eval()
+    assert calls and h1 == h2 and torch.equal(plain, checkpointed) and h1[-1] < h1[0]
 
 
 def test_concept_direction_points_from_neutral_to_concept(tiny_pipeline):

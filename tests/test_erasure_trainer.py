@@ -610,3 +610,13 @@ def test_robust_erasure_on_a_vq_model():
     res = erase(vq, PAIRS, cfg)
     assert [h["adversarial_pairs"] for h in res.history] == [float(cfg.pairs_per_step)] * 2   # all name "red"
     assert all(math.isfinite(h["erase"]) for h in res.history) and res.patch.tensors
+
+
+def test_robust_erasure_with_lora_the_real_families_default(tiny_pipeline):
+    """Infinity and Switti erase with LoRA and have no robust recipe: the attacks run on the adapted student,
+    and the patch holds LoRA factors only, different from a plain LoRA erasure's."""
+    robust = run(tiny_pipeline, steps=2, robust=True, trainable="lora", adversarial_every=1, adversarial_steps=1).patch
+    plain = run(tiny_pipeline, steps=2, trainable="lora").patch
+    assert robust.meta["hyperparameters"]["trainable"] == "lora" and robust.meta["hyperparameters"]["robust"]
+    assert set(robust.tensors) == set(plain.tensors) and all("lora" in k for k in robust.tensors)
+    assert not all(torch.equal(plain.tensors[k], robust.tensors[k]) for k in plain.tensors)

@@ -198,20 +198,22 @@ def concept_targets(base: VARPipeline, prompts: list[str], images: int, settings
 
 
 def concept_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets, scales,
-                guidance: float | torch.Tensor) -> torch.Tensor:
+                guidance: float | torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
     """Mean cross-entropy (per bit, or per VQ code) of the target images under ``pipe``'s guided logits,
     one feature tensor (L, D) per target prompt (differentiable in the features)."""
-    return token_nll(pipe, features, targets, scales, guidance).mean()
+    return token_nll(pipe, features, targets, scales, guidance, checkpointing).mean()
 
 
 def token_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets, scales,
-              guidance: float | torch.Tensor) -> torch.Tensor:
-    """concept_nll per token: (N, L), the mean over a token's bits (one VQ code: its cross-entropy)."""
+              guidance: float | torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """concept_nll per token: (N, L), the mean over a token's bits (one VQ code: its cross-entropy).
+    ``checkpointing``: recompute each block in the backward pass (a model in training mode only), as the
+    erasure run does with ``gradient_checkpointing``."""
     model = pipe.transformer
     feats, mask = pad_features([features[r] for r in targets.rows])
     feats, mask = feats.to(model.device), mask.to(model.device)
     x, y = targets.inputs.to(model.device), targets.labels.to(model.device)
-    logits = model(text_condition(pipe, feats, mask), x, scales)
+    logits = model(text_condition(pipe, feats, mask), x, scales, checkpointing=checkpointing)
     if _guided(guidance):
         with torch.no_grad():
             uncond = model(unconditional(pipe, mask), x, scales)
@@ -321,7 +323,8 @@ def concept_embedding(enc, concept: str, tokens: int) -> torch.Tensor:
 
 
 def optimise_soft_tokens(pipe: VARPipeline, concept: str, targets: Targets, start: torch.Tensor, steps: int,
-                         lr: float, scales, guidance: float) -> tuple[torch.Tensor, list[float]]:
+                         lr: float, scales, guidance: float,
+                         checkpointing: bool = False) -> tuple[torch.Tensor, list[float]]:
     """Adam on the soft tokens (from ``start``) against ``concept_nll`` of ``pipe``'s transformer; only the
     tokens get gradients. Returns the tokens and the objective at each step."""
     enc = pipe.text_encoder
@@ -330,7 +333,8 @@ def optimise_soft_tokens(pipe: VARPipeline, concept: str, targets: Targets, star
     history = []
     with torch.enable_grad():
         for _ in range(steps):
-            loss = concept_nll(pipe, soft_prompt_features(enc, targets.prompts, concept, soft), targets, scales, guidance)
+            loss = concept_nll(pipe, soft_prompt_features(enc, targets.prompts, concept, soft), targets, scales, guidance,
+                               checkpointing)
             (grad,) = torch.autograd.grad(loss, [soft])
             opt.zero_grad(set_to_none=True)
             soft.grad = grad

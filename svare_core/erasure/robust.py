@@ -154,7 +154,9 @@ class AdversarialPool:
             noise = torch.randn(start.shape, generator=self.generator).to(start.device)
             soft, _ = optimise_soft_tokens(attacked, concept, targets_of(self.targets, prompts),
                                            start + 0.01 * spread * noise, r.adversarial_steps,
-                                           r.adversarial_lr * spread, run.scales, run.guidance(run.cfg.teacher_cfg))
+                                           r.adversarial_lr * spread, run.scales, run.guidance(run.cfg.teacher_cfg),
+                                           # the attack's backward through the student is as large as training's
+                                           checkpointing=run.cfg.gradient_checkpointing)
             everyone = list(dict.fromkeys(p.unsafe for p in self.attackable if p.concept == concept))
             with torch.no_grad():
                 feats = soft_prompt_features(enc, everyone, concept, soft)
