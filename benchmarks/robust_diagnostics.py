@@ -59,14 +59,14 @@ def rate(a: dict, pipe, conditions) -> float:
 def paths(args) -> dict:
     import torch
 
-    from svare_core.erasure.attacks import _encoded
+    from svare_core.erasure.attacks import prompt_features
 
     a = attacked(args.patch)
     erased = a["erased"]
     model = erased.transformer
     pool = model.text_proj_for_sos
     forward = pool.forward
-    natural = _encoded(erased, a["prompts"])
+    natural = prompt_features(erased, a["prompts"])
 
     def pooled_of(feats):
         with torch.no_grad():

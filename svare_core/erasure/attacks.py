@@ -221,7 +221,8 @@ def token_nll(pipe: VARPipeline, features: list[torch.Tensor], targets: Targets,
     return symbol_losses(logits, y).mean(-1)
 
 
-def _encoded(pipe: VARPipeline, prompts: list[str]) -> list[torch.Tensor]:
+def prompt_features(pipe: VARPipeline, prompts: list[str]) -> list[torch.Tensor]:
+    """Each prompt's text features (L, D), unpadded: the conditions the attacks and robust erasure edit."""
     return _unpadded(*pipe.text_encoder.encode(prompts)[:2])
 
 
@@ -232,7 +233,7 @@ def substitute(prompt: str, concept: str, words: str) -> str:
 
 def _nll(pipe, prompts, targets, scales, guidance) -> float:
     with torch.no_grad():
-        return float(concept_nll(pipe, _encoded(pipe, prompts), targets, scales, guidance))
+        return float(concept_nll(pipe, prompt_features(pipe, prompts), targets, scales, guidance))
 
 
 # -- prompt space --------------------------------------------------------------------------------------
@@ -263,8 +264,8 @@ def near_words(pipe: VARPipeline, concept: str, count: int, pool: int | None = N
     emb = table[[words[w] for w in names]]
     sim = torch.nn.functional.cosine_similarity(emb, anchor[None], dim=-1)
     pooled = [names[i] for i in sim.argsort(descending=True)[:pool or max(4 * count, count)].tolist()]
-    target = _encoded(pipe, [f"a {concept}"])[0].mean(0)
-    feats = _encoded(pipe, [f"a {w}" for w in pooled])
+    target = prompt_features(pipe, [f"a {concept}"])[0].mean(0)
+    feats = prompt_features(pipe, [f"a {w}" for w in pooled])
     score = torch.stack([torch.nn.functional.cosine_similarity(f.mean(0), target, dim=0) for f in feats])
     return [pooled[i] for i in score.argsort(descending=True)[:count].tolist()]
 
@@ -369,7 +370,7 @@ def neutral(prompt: str, concept: str) -> str:
 
 def concept_direction(pipe: VARPipeline, prompts: list[str], concept: str) -> torch.Tensor:
     """Mean over prompts of (mean token feature with the concept - without it): a (width,) vector."""
-    with_c, without = _encoded(pipe, prompts), _encoded(pipe, [neutral(p, concept) for p in prompts])
+    with_c, without = prompt_features(pipe, prompts), prompt_features(pipe, [neutral(p, concept) for p in prompts])
     return torch.stack([a.mean(0) - b.mean(0) for a, b in zip(with_c, without)]).mean(0)
 
 
@@ -437,7 +438,7 @@ def run_attacks(base: VARPipeline, erased: VARPipeline, concept: str, prompts: l
         t = time.time()
         direction = concept_direction(erased, prompts, concept)
         neutrals = list(dict.fromkeys(neutral(p, concept) for p in prompts))
-        base_feats = _encoded(erased, neutrals)
+        base_feats = prompt_features(erased, neutrals)
         per = {}
         for eta in budget.direction_strengths:
             shifted = [f + eta * direction for f in base_feats]

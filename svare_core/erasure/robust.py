@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 
 from .attacks import (InjectedFeatures, Targets, concept_direction, concept_embedding, near_words, neutral,
-                      optimise_soft_tokens, soft_prompt_features, substitute, targets_of, token_nll)
+                      optimise_soft_tokens, prompt_features, soft_prompt_features, substitute, targets_of, token_nll)
 from .pairs import PromptPair, mentions
 from .run import ErasureRun
 from .tokens import aux_settings, auxiliary_tokens, prompt_seeds
@@ -83,9 +83,9 @@ class AdversarialPool:
             if r.adversarial_direction:
                 direction = concept_direction(frozen_pipe, prompts, concept)
                 with torch.no_grad():
-                    encoded = frozen_pipe.text_encoder.encode([neutral(p, concept) for p in prompts])
-                for p, f, m in zip(prompts, encoded[0], encoded[1]):
-                    self.neutral[p] = f[:int(m.sum())].float().cpu()
+                    encoded = prompt_features(frozen_pipe, [neutral(p, concept) for p in prompts])
+                for p, f in zip(prompts, encoded):
+                    self.neutral[p] = f.float().cpu()
                 # Weak shifts are the neutral prompt itself ("a striped shape" + 0.1 d): trained to the anchor,
                 # they would move what the model draws where no colour is named. The weakest strength of the
                 # grid the frozen model reads as the concept is where the direction's conditions start.
@@ -159,15 +159,15 @@ class AdversarialPool:
                                            checkpointing=run.cfg.gradient_checkpointing)
             everyone = list(dict.fromkeys(p.unsafe for p in self.attackable if p.concept == concept))
             with torch.no_grad():
-                feats = soft_prompt_features(enc, everyone, concept, soft)
+                feats = dict(zip(everyone, soft_prompt_features(enc, everyone, concept, soft)))
             screen = self.screens[concept]
-            if r.adversarial_screen and not screen.draws_concept([feats[everyone.index(p)] for p in screen.prompts]):
+            if r.adversarial_screen and not screen.draws_concept([feats[p] for p in screen.prompts]):
                 # The attack made the model being trained draw the concept from a condition the frozen model
                 # does not read as the concept (an open colour, say): training it to the anchor would move
                 # what the model draws where the concept was never named.
                 self.rejected += 1
                 continue
-            for prompt, f in zip(everyone, feats):
+            for prompt, f in feats.items():
                 name = f"<adversarial {k}: {prompt}>"
                 self.features[name] = f
                 kept = self.soft_names.setdefault(prompt, [])
@@ -197,8 +197,7 @@ class ConceptScreen:
         """Per-token cross-entropy (N, L); a condition is a prompt or its (L, D) features."""
         with torch.no_grad():
             if all(isinstance(c, str) for c in conditions):
-                enc = self.pipe.text_encoder.encode(conditions)
-                conditions = [enc[0][i, :int(enc[1][i].sum())] for i in range(len(conditions))]
+                conditions = prompt_features(self.pipe, conditions)
             t = self.targets
             return token_nll(self.pipe, conditions, Targets(self.prompts, t.inputs, t.labels, t.rows), self.scales,
                              self.guidance)
